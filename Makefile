@@ -1,0 +1,20 @@
+# The two commands of README.md. Both install first (scripts/setup is idempotent).
+.PHONY: run test setup lint bench
+
+VENV := .venv
+
+setup:
+	@bash scripts/setup
+
+run: setup
+	$(VENV)/bin/meshlet validate policies/*.yaml
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(VENV)/bin/python bench/run.py

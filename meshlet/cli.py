@@ -1,0 +1,48 @@
+"""`meshlet` entry point: builds the argument parser from the command modules and dispatches.
+
+Each command lives in `meshlet/commands/NAME.py` with a `register(subparsers)` function that
+adds its parser and sets `handler`. Command modules import their heavy dependencies
+(mitmproxy, bcc, pyroute2) inside the handler, so `meshlet validate` starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from meshlet import __version__
+from meshlet.commands import CommandError
+
+# One line per command module; order is the order of `meshlet --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "meshlet.commands.validate",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshlet",
+        description="Traffic-shaping sidecar and service-mesh policy engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshlet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except CommandError as e:
+        print(f"meshlet: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
