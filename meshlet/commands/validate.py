@@ -1,0 +1,44 @@
+"""`meshlet validate FILE...`: check policy files offline, as an editor or CI step would."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshlet.policy import PolicyInvalid, load_file
+from meshlet.policy.model import PolicySet
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check policy files; print FILE:LINE:COL: message per error",
+        description="Validate meshlet policy files. Exit 0 when every file is valid, 1 otherwise.",
+        epilog="example: meshlet validate policies/*.yaml",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files (several documents each)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            policies = load_file(path)
+        except PolicyInvalid as e:
+            failed = True
+            for error in e.errors:
+                print(error, file=sys.stderr)
+            continue
+        print(f"{path}: valid ({summarize(policies)})")
+    return 1 if failed else 0
+
+
+def summarize(policies: PolicySet) -> str:
+    parts = []
+    for policy in policies.traffic:
+        routes = len(policy.routes)
+        parts.append(f"TrafficPolicy {policy.metadata.name} host={policy.host} {routes} route{'s' * (routes != 1)}")
+    for qos in policies.qos:
+        parts.append(f"QoSPolicy {qos.metadata.name} on {qos.interface} {len(qos.classes)} classes")
+    return "; ".join(parts)

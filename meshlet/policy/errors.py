@@ -1,0 +1,28 @@
+"""Located policy errors: what the user sees as `FILE:LINE:COL: message`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from meshlet.policy.model import Mark
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyError:
+    mark: Mark
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.mark}: {self.message}"
+
+
+class PolicyInvalid(Exception):
+    """A policy that failed to load or validate; `errors` holds every problem found.
+
+    Errors of one file come in line order; files keep the order they were given in.
+    """
+
+    def __init__(self, errors: Iterable[PolicyError]):
+        self.errors: tuple[PolicyError, ...] = tuple(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
