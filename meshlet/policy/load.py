@@ -119,8 +119,12 @@ def load_text(text: str, file: str = "<input>") -> PolicySet:
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = " ".join(filter(None, [e.context, e.problem]))
         reader.error(Mark(file, line, column), f"malformed YAML: {problem}")
+    except yaml.reader.ReaderError as e:  # a character YAML forbids, found before any parsing
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        reader.error(Mark(file, line, column), f"malformed YAML: unacceptable character #x{e.character:04x}")
     except yaml.YAMLError as e:
-        reader.error(Mark(file, 1, 1), f"malformed YAML: {e}")
+        reader.error(Mark(file, 1, 1), f"malformed YAML: {str(e).splitlines()[0]}")
     except RecursionError:
         reader.error(Mark(file, 1, 1), "malformed YAML: nesting too deep")
     if documents == 0 and not reader.errors:

@@ -152,8 +152,9 @@ class Reader:
 
     def parsed(self, node: yaml.Node, where: str, parse: Callable[[str], T], *, ints_ok: bool = False) -> T | None:
         """A string run through one of `meshlet.policy.values`' parsers; its ValueError becomes the error."""
-        if ints_ok and isinstance(node, yaml.ScalarNode) and node.tag == _INT:
-            text: str | None = node.value
+        accepted = (_STR, _INT) if ints_ok else (_STR,)
+        if isinstance(node, yaml.ScalarNode) and node.tag in accepted:
+            text: str | None = node.value  # empty text too: the parser says what a good value looks like
         else:
             text = self.string(node, where)
         if text is None:

@@ -1,0 +1,45 @@
+"""`meshlet validate` as users run it: the installed entry point, a real process, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).parents[3]
+MESHLET = Path(sys.executable).parent / "meshlet"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(MESHLET), *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_examples_are_valid():
+    examples = sorted(str(p) for p in (REPO / "policies").glob("*.yaml"))
+    result = run("validate", *examples)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": valid (") == len(examples)
+
+
+def test_weight_typo_prints_file_line_col_and_exits_1(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((REPO / "policies" / "canary.yaml").read_text().replace("weight: 10}", "weight: 100}"))
+    result = run("validate", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{bad}:13:12: route 'canary': weights sum to 190, must be 100"
+    assert "Traceback" not in result.stderr
+
+
+def test_good_and_bad_files_together(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [\n")
+    result = run("validate", str(REPO / "policies" / "canary.yaml"), str(bad))
+    assert result.returncode == 1
+    assert "canary.yaml: valid" in result.stdout
+    assert result.stderr.startswith(f"{bad}:2:1: malformed YAML")
+
+
+def test_missing_file():
+    result = run("validate", "/nonexistent/policy.yaml")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "/nonexistent/policy.yaml:1:1: cannot read policy file: No such file or directory"
