@@ -48,6 +48,8 @@ def check_traffic(policy: TrafficPolicy) -> list[PolicyError]:
         elif route.is_default:
             default = route
         errors.extend(_check_targets(route, backend_names))
+        if route.rollout:
+            errors.extend(_check_rollout(route))
         if policy.dataplane == "kernel":
             errors.extend(_check_kernel_route(route))
     if policy.dataplane == "kernel":
@@ -77,6 +79,24 @@ def _check_targets(route: Route, backend_names: set[str]) -> list[PolicyError]:
     return errors
 
 
+def _check_rollout(route: Route) -> list[PolicyError]:
+    rollout = route.rollout
+    assert rollout is not None
+    where = f"route {route.name!r} rollout"
+    in_route = [t.backend for t in route.to]
+    errors = []
+    for role, backend in (("canary", rollout.canary), ("stable", rollout.stable)):
+        if backend not in in_route:
+            errors.append(PolicyError(rollout.mark, f"{where}: {role} {backend!r} is not a backend of this route "
+                                      f"(its backends: {', '.join(in_route)})"))
+    if rollout.canary == rollout.stable:
+        errors.append(PolicyError(rollout.mark, f"{where}: canary and stable are both {rollout.canary!r}"))
+    if any(b >= a for a, b in zip(rollout.steps[1:], rollout.steps, strict=False)):
+        steps = ", ".join(map(str, rollout.steps))
+        errors.append(PolicyError(rollout.mark, f"{where}: steps must strictly ascend, got [{steps}]"))
+    return errors
+
+
 def _check_kernel_route(route: Route) -> list[PolicyError]:
     """`dataplane: kernel` splits connections in a connect() hook: it cannot see requests."""
     needs = []
@@ -88,6 +108,8 @@ def _check_kernel_route(route: Route) -> list[PolicyError]:
         needs.append("a timeout")
     if route.sticky and not route.sticky.source_ip:
         needs.append("header/cookie stickiness")
+    if route.rollout:
+        needs.append("a rollout, analysed per request")
     if not needs:
         return []
     return [PolicyError(

@@ -24,6 +24,7 @@ from meshlet.policy.model import (
     DATAPLANES,
     MTLS_MODES,
     RETRY_CONDITIONS,
+    Analysis,
     Backend,
     Mark,
     Match,
@@ -33,6 +34,7 @@ from meshlet.policy.model import (
     QosClass,
     QoSPolicy,
     Retries,
+    Rollout,
     Route,
     Slo,
     Sticky,
@@ -51,7 +53,15 @@ FIELDS: dict[str, dict[str, bool]] = {
         "host": True, "dataplane": False, "backends": True, "routes": True, "mtls": False, "qos": False,
     },
     "backend": {"address": True, "tls": False, "identity": False},
-    "route": {"name": True, "match": False, "to": True, "sticky": False, "timeout": False, "retries": False},
+    "route": {
+        "name": True, "match": False, "to": True, "sticky": False, "timeout": False, "retries": False, "rollout": False,
+    },
+    "rollout": {
+        "canary": True, "stable": True, "steps": True, "interval": False, "analysis": False, "failure_limit": False,
+    },
+    "analysis": {"success_rate": False, "p99": False, "min_requests": False},
+    "analysis.success_rate": {"min": True},
+    "analysis.p99": {"max": True},
     "match": {"headers": False, "cookies": False, "path": False, "method": False},
     "stringMatch": {"exact": False, "prefix": False, "regex": False},
     "target": {"backend": True, "weight": False},
@@ -214,7 +224,7 @@ def _backends(r: Reader, node: yaml.Node, where: str) -> tuple[Backend, ...] | N
     for name, (key_node, value) in entries.items():
         at = f"{where}.{name}"
         fields = r.mapping(value, at, FIELDS["backend"])
-        if fields is None or "address" not in fields:
+        if not r.identifier(key_node, name, where) or fields is None or "address" not in fields:
             continue
         address = r.parsed(fields["address"], f"{at}.address", parse_address)
         tls = r.choice(fields["tls"], f"{at}.tls", BACKEND_TLS) if "tls" in fields else "none"
@@ -240,6 +250,8 @@ def _route(r: Reader, node: yaml.Node, where: str) -> Route | None:
     if fields is None:
         return None
     name = r.string(fields["name"], f"{where}.name") if "name" in fields else None
+    if name is not None and not r.identifier(fields["name"], name, f"{where}.name"):
+        name = None
     match = _match(r, fields["match"], f"{where}.match") if "match" in fields else None
     to = _targets(r, fields["to"], f"{where}.to") if "to" in fields else None
     sticky = _sticky(r, fields["sticky"], f"{where}.sticky") if "sticky" in fields else None
@@ -247,9 +259,10 @@ def _route(r: Reader, node: yaml.Node, where: str) -> Route | None:
     if "timeout" in fields:
         timeout = r.parsed(fields["timeout"], f"{where}.timeout", parse_duration, ints_ok=True)
     retries = _retries(r, fields["retries"], f"{where}.retries") if "retries" in fields else None
+    rollout = _rollout(r, fields["rollout"], f"{where}.rollout") if "rollout" in fields else None
     if name is None or to is None:
         return None
-    return Route(name, to, match, sticky, timeout, retries, mark=r.mark(node))
+    return Route(name, to, match, sticky, timeout, retries, rollout, mark=r.mark(node))
 
 
 def _match(r: Reader, node: yaml.Node, where: str) -> Match | None:
@@ -373,6 +386,51 @@ def _retries(r: Reader, node: yaml.Node, where: str) -> Retries | None:
     return Retries(attempts, on, mark=r.mark(node))
 
 
+def _rollout(r: Reader, node: yaml.Node, where: str) -> Rollout | None:
+    fields = r.mapping(node, where, FIELDS["rollout"])
+    if fields is None or not {"canary", "stable", "steps"} <= fields.keys():
+        return None
+    canary = r.string(fields["canary"], f"{where}.canary")
+    stable = r.string(fields["stable"], f"{where}.stable")
+    steps: list[int | None] = []
+    for i, step in enumerate(r.sequence(fields["steps"], f"{where}.steps") or []):
+        steps.append(r.integer(step, f"{where}.steps[{i}]", low=1, high=100))
+    if not steps:
+        r.error(fields["steps"], f"{where}.steps: give at least one canary weight, e.g. [5, 25, 50, 100]")
+    interval = 30.0
+    if "interval" in fields:
+        interval = r.parsed(fields["interval"], f"{where}.interval", parse_duration, ints_ok=True)
+    failure_limit = 2
+    if "failure_limit" in fields:
+        failure_limit = r.integer(fields["failure_limit"], f"{where}.failure_limit", low=1, high=100)
+    analysis = _analysis(r, fields["analysis"], f"{where}.analysis") if "analysis" in fields else Analysis()
+    if None in (canary, stable, interval, failure_limit, analysis) or None in steps or not steps:
+        return None
+    return Rollout(canary, stable, tuple(steps), interval, analysis, failure_limit, mark=r.mark(node))
+
+
+def _analysis(r: Reader, node: yaml.Node, where: str) -> Analysis | None:
+    fields = r.mapping(node, where, FIELDS["analysis"])
+    if fields is None:
+        return None
+    errors_before = len(r.errors)
+    min_success_rate = max_p99 = None
+    if "success_rate" in fields:
+        rate = r.mapping(fields["success_rate"], f"{where}.success_rate", FIELDS["analysis.success_rate"])
+        if rate and "min" in rate:
+            min_success_rate = r.number(rate["min"], f"{where}.success_rate.min", low=0, high=100)
+    if "p99" in fields:
+        p99 = r.mapping(fields["p99"], f"{where}.p99", FIELDS["analysis.p99"])
+        if p99 and "max" in p99:
+            max_p99 = r.parsed(p99["max"], f"{where}.p99.max", parse_duration, ints_ok=True)
+    min_requests = 50
+    if "min_requests" in fields:
+        min_requests = r.integer(fields["min_requests"], f"{where}.min_requests", low=1)
+    if len(r.errors) > errors_before or min_requests is None:
+        return None
+    return Analysis(min_success_rate, max_p99, min_requests, mark=r.mark(node))
+
+
 def _mtls(r: Reader, node: yaml.Node, where: str) -> Mtls | None:
     fields = r.mapping(node, where, FIELDS["mtls"])
     if fields is None:
@@ -416,7 +474,7 @@ def _qos_classes(r: Reader, node: yaml.Node, where: str) -> tuple[QosClass, ...]
     for name, (key_node, value) in entries.items():
         at = f"{where}.{name}"
         fields = r.mapping(value, at, FIELDS["qosClass"])
-        if fields is None:
+        if not r.identifier(key_node, name, where) or fields is None:
             continue
         priority = r.integer(fields["priority"], f"{at}.priority", low=0, high=7) if "priority" in fields else None
         rate = r.parsed(fields["rate"], f"{at}.rate", parse_rate, ints_ok=True) if "rate" in fields else None

@@ -109,6 +109,29 @@ class Retries:
 
 
 @dataclass(frozen=True, slots=True)
+class Analysis:
+    """What a rollout step must show before the canary gets more traffic."""
+
+    min_success_rate: float | None = None  # percent of non-5xx responses, 0..100
+    max_p99: float | None = None  # seconds
+    min_requests: int = 50  # fewer canary requests in an interval: hold, neither pass nor fail
+    mark: Mark = _mark()
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """Progressive delivery of one route: step the canary's weight while its analysis passes."""
+
+    canary: str
+    stable: str
+    steps: tuple[int, ...]  # canary weights, ascending, the last usually 100
+    interval: float = 30.0  # seconds between analyses
+    analysis: Analysis = Analysis()
+    failure_limit: int = 2  # failed analyses before rolling back
+    mark: Mark = _mark()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     to: tuple[WeightedBackend, ...]
@@ -116,6 +139,7 @@ class Route:
     sticky: Sticky | None = None
     timeout: float | None = None  # seconds
     retries: Retries | None = None
+    rollout: Rollout | None = None
     mark: Mark = _mark()
 
     @property

@@ -9,6 +9,7 @@ document collects all of its errors.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from meshlet.policy.model import Mark
 
 T = TypeVar("T")
 
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _BOOL = "tag:yaml.org,2002:bool"
@@ -55,7 +57,9 @@ class Reader:
 
     def error(self, at: yaml.Node | Mark, message: str) -> None:
         mark = at if isinstance(at, Mark) else self.mark(at)
-        self.errors.append(PolicyError(mark, message))
+        # Keys and values come from the user: keep the error on one line whatever they hold.
+        printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        self.errors.append(PolicyError(mark, printable))
 
     def type_error(self, node: yaml.Node, where: str, expected: str) -> None:
         self.error(node, f"{where}: expected {expected}, got {describe(node)}")
@@ -131,6 +135,25 @@ class Reader:
             self.error(node, f"{where}: {value} is out of range, must be {bounds}")
             return None
         return value
+
+    def number(self, node: yaml.Node, where: str, *, low: float, high: float) -> float | None:
+        """An integer or decimal number within [low, high] (percentages, ratios)."""
+        if not isinstance(node, yaml.ScalarNode) or node.tag not in (_INT, "tag:yaml.org,2002:float"):
+            self.type_error(node, where, "a number")
+            return None
+        value = float(yaml.safe_load(node.value))
+        if not low <= value <= high:
+            self.error(node, f"{where}: {node.value} is out of range, must be from {low:g} to {high:g}")
+            return None
+        return value
+
+    def identifier(self, node: yaml.Node, name: str, where: str) -> bool:
+        """Route, backend and class names become metric labels and log fields: keep them plain."""
+        if _IDENTIFIER.fullmatch(name):
+            return True
+        self.error(node, f"{where}: name {name!r} must be letters, digits, '-', '_' or '.' (at most 63, "
+                         "starting with a letter or digit)")
+        return False
 
     def boolean(self, node: yaml.Node, where: str) -> bool | None:
         if not isinstance(node, yaml.ScalarNode) or node.tag != _BOOL:

@@ -271,3 +271,47 @@ def test_unreadable_file_is_a_located_error(tmp_path):
 
     with pytest.raises(PolicyInvalid, match=r"missing.yaml:1:1: cannot read policy file: No such file"):
         load_files([tmp_path / "missing.yaml"])
+
+
+ROLLOUT_ROUTE = HEAD + BACKENDS + """\
+  routes:
+    - name: canary
+      to: [{backend: v1, weight: 100}, {backend: v2, weight: 0}]
+      rollout:
+        canary: v2
+        stable: v1
+        steps: [5, 25, 50, 100]
+        interval: 30s
+        analysis: {success_rate: {min: 99.5}, p99: {max: 300ms}, min_requests: 20}
+        failure_limit: 3
+"""
+
+
+def test_rollout_section_loads_in_base_units():
+    rollout = load_text(ROLLOUT_ROUTE).traffic[0].routes[0].rollout
+    assert (rollout.canary, rollout.stable, rollout.steps, rollout.interval, rollout.failure_limit) == (
+        "v2", "v1", (5, 25, 50, 100), 30.0, 3)
+    assert (rollout.analysis.min_success_rate, rollout.analysis.max_p99, rollout.analysis.min_requests) == (99.5, 0.3, 20)
+
+
+@pytest.mark.parametrize("old, new, where, message", [
+    ("steps: [5, 25, 50, 100]", "steps: [5, 50, 25, 100]", "13:9", "steps must strictly ascend, got [5, 50, 25, 100]"),
+    ("steps: [5, 25, 50, 100]", "steps: [5, 25, 150]", "15:24", "150 is out of range, must be from 1 to 100"),
+    ("canary: v2", "canary: v3", "13:9", "canary 'v3' is not a backend of this route"),
+    ("stable: v1", "stable: v2", "13:9", "canary and stable are both 'v2'"),
+    ("min: 99.5", "min: 101", "17:40", "out of range, must be from 0 to 100"),
+    ("max: 300ms", "max: fast", "17:58", "bad duration 'fast'"),
+    ("failure_limit: 3", "failure_limit: 0", "18:24", "0 is out of range"),
+    ("interval: 30s", "intervall: 30s", "16:9", "unknown field 'intervall' (did you mean 'interval'?)"),
+])
+def test_rollout_errors(old, new, where, message):
+    assert old in ROLLOUT_ROUTE
+    error = only_error(ROLLOUT_ROUTE.replace(old, new))
+    assert error.startswith(f"p.yaml:{where}: ") and message in error, error
+
+
+def test_names_that_become_metric_labels_are_plain():
+    error = only_error(HEAD + BACKENDS + '  routes:\n    - {name: "canary route", to: [{backend: v1}]}\n')
+    assert error.startswith("p.yaml:10:14: ") and "name 'canary route' must be letters, digits" in error
+    error = only_error(HEAD + '  backends:\n    "v1\\n": {address: "127.0.0.1:1"}\n  routes:\n    - {name: a, to: [{backend: v1}]}\n')
+    assert error.startswith("p.yaml:7:5: ") and "\n" not in error
