@@ -1,0 +1,1 @@
+"""Building blocks of meshlet's benchmarks: processes, servers under test, load generators, reports."""

@@ -1,0 +1,73 @@
+"""Configurations of the reference servers: nginx as the backends, HAProxy as the reference proxy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def nginx_conf(workdir: Path, ports: dict[str, int]) -> Path:
+    """One nginx worker serving each named backend on its port with a tiny fixed body."""
+    servers = "\n".join(
+        f"    server {{ listen 127.0.0.1:{port} reuseport; keepalive_requests 1000000; "
+        f"location / {{ return 200 '{name}\\n'; }} }}"
+        for name, port in ports.items()
+    )
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    default_type text/plain;
+{servers}
+}}
+""")
+    return conf
+
+
+def haproxy_conf(workdir: Path, port: int, backends: dict[str, tuple[int, int]]) -> Path:
+    """HAProxy doing the same weighted split as the meshlet policy: name → (port, weight)."""
+    servers = "\n".join(
+        f"    server {name} 127.0.0.1:{backend_port} weight {weight}"
+        for name, (backend_port, weight) in backends.items()
+    )
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(f"""\
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    balance roundrobin
+    http-reuse always
+{servers}
+""")
+    return conf
+
+
+def meshlet_policy(workdir: Path, backends: dict[str, tuple[int, int]], tls: str = "none") -> Path:
+    """The canary policy every proxy under test applies: host `reviews`, the same weights as HAProxy."""
+    lines = [f'    {name}: {{address: "127.0.0.1:{port}", tls: {tls}}}' for name, (port, _) in backends.items()]
+    targets = ", ".join(f"{{backend: {name}, weight: {weight}}}" for name, (_, weight) in backends.items())
+    policy = workdir / "policy.yaml"
+    header = "apiVersion: meshlet.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: reviews}\n"
+    header += "spec:\n  host: reviews\n"
+    routes = f"  routes:\n    - name: canary\n      to: [{targets}]\n"
+    policy.write_text(header + "  backends:\n" + "\n".join(lines) + "\n" + routes)
+    return policy
