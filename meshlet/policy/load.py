@@ -43,7 +43,7 @@ from meshlet.policy.model import (
     WeightedBackend,
 )
 from meshlet.policy.reader import Reader
-from meshlet.policy.values import parse_address, parse_duration, parse_rate, parse_spiffe_id
+from meshlet.policy.values import parse_address, parse_duration, parse_rate, parse_spiffe_id, parse_vip
 
 # Which fields each mapping accepts: name → required.
 FIELDS: dict[str, dict[str, bool]] = {
@@ -51,6 +51,7 @@ FIELDS: dict[str, dict[str, bool]] = {
     "metadata": {"name": True, "namespace": False, "labels": False, "annotations": False},
     "TrafficPolicy.spec": {
         "host": True, "dataplane": False, "backends": True, "routes": True, "mtls": False, "qos": False,
+        "vip": False,
     },
     "backend": {"address": True, "tls": False, "identity": False},
     "route": {
@@ -205,11 +206,12 @@ def _traffic(r: Reader, node: yaml.Node, metadata: Metadata, where: str) -> Traf
     if "qos" in spec:
         qos = r.mapping(spec["qos"], f"{where}.qos", FIELDS["qos"])
         qos_class = r.string(qos["class"], f"{where}.qos.class") if qos and "class" in qos else None
+    vip = r.parsed(spec["vip"], f"{where}.vip", parse_vip) if "vip" in spec else None
     if host is None or dataplane is None or backends is None or routes is None:
         return None
     return TrafficPolicy(
         metadata=metadata, host=host, backends=backends, routes=routes,
-        dataplane=dataplane, mtls=mtls, qos_class=qos_class, mark=r.mark(node),
+        dataplane=dataplane, mtls=mtls, qos_class=qos_class, vip=vip, mark=r.mark(node),
     )
 
 

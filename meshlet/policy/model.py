@@ -171,6 +171,7 @@ class TrafficPolicy:
     dataplane: Dataplane = "proxy"
     mtls: Mtls | None = None
     qos_class: str | None = None
+    vip: Address | None = None  # the service's virtual IPv4:port a kernel split intercepts (a ClusterIP)
     mark: Mark = _mark()
 
     kind = "TrafficPolicy"

@@ -99,3 +99,13 @@ def parse_spiffe_id(text: str) -> str:
     if any(seg in (".", "..") for seg in m.group(2).split("/")):
         raise ValueError(f"bad SPIFFE ID {text!r}: path segments '.' and '..' are not allowed")
     return text
+
+
+def parse_vip(text: str) -> Address:
+    """A kernel split's virtual address: an IPv4 literal and a port (the connect4 hook is IPv4)."""
+    address = parse_address(text)
+    try:
+        ipaddress.IPv4Address(address.host)
+    except ValueError:
+        raise ValueError(f"bad virtual address {text!r}: expected IPV4:PORT, e.g. 10.96.0.20:9080") from None
+    return address

@@ -315,3 +315,10 @@ def test_names_that_become_metric_labels_are_plain():
     assert error.startswith("p.yaml:10:14: ") and "name 'canary route' must be letters, digits" in error
     error = only_error(HEAD + '  backends:\n    "v1\\n": {address: "127.0.0.1:1"}\n  routes:\n    - {name: a, to: [{backend: v1}]}\n')
     assert error.startswith("p.yaml:7:5: ") and "\n" not in error
+
+
+def test_vip_is_an_ipv4_address_and_port():
+    policy = load_text(HEAD + '  vip: "10.96.0.20:9080"\n' + BACKENDS + "  routes:\n    - {name: a, to: [{backend: v1}]}\n")
+    assert str(policy.traffic[0].vip) == "10.96.0.20:9080"
+    error = only_error(HEAD + '  vip: "reviews:9080"\n' + BACKENDS + "  routes:\n    - {name: a, to: [{backend: v1}]}\n")
+    assert error.startswith("p.yaml:6:8: ") and "bad virtual address 'reviews:9080': expected IPV4:PORT" in error
