@@ -18,6 +18,8 @@ from meshlet.commands import CommandError
 # One line per command module; order is the order of `meshlet --help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.validate",
+    "meshlet.commands.agent",
+    "meshlet.commands.stats",
 )
 
 

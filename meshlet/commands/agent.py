@@ -1,0 +1,127 @@
+"""`meshlet agent`: the privileged per-node process (eBPF observation, QoS, the AIMD loop)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from meshlet.commands import CommandError
+from meshlet.ebpf.agent import AgentConfig
+from meshlet.policy import PolicyInvalid, load_files
+
+EPILOG = """examples:
+  meshlet agent --ports 8080,9081                 observe TCP on two ports, metrics on :15090
+  meshlet agent --policy policies/qos.yaml --interface veth0 --interval 1s
+  meshlet agent --accelerate --cgroup /sys/fs/cgroup/unified/pod1     sockmap app<->sidecar sockets
+  meshlet agent --policy reviews.yaml --cgroup pod1 --kernel-vip reviews=127.0.0.1:9080
+                                                   split `dataplane: kernel` connects in the kernel
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="node agent: eBPF TCP metrics, HTB QoS classes and the SLO loop (root)",
+        description="Load the eBPF programs, export TCP latency histograms, shape traffic per QoSPolicy.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--policy", action="append", default=[], metavar="FILE", help="policy file (repeatable)")
+    parser.add_argument("--interface", metavar="IF", help="shape this interface (default: the QoSPolicy's)")
+    parser.add_argument("--metrics", default=":15090", metavar="[HOST]:PORT", help="Prometheus listener")
+    parser.add_argument("--ports", default="", metavar="P,P,...", help="extra ports to observe besides the policies'")
+    parser.add_argument("--interval", default="1s", metavar="DURATION", help="QoS loop period (default 1s)")
+    parser.add_argument("--pin-dir", default=None, metavar="DIR", help="bpffs directory for pinned maps")
+    parser.add_argument("--accelerate", action="store_true", help="sockmap-redirect app<->sidecar loopback sockets")
+    parser.add_argument("--cgroup", metavar="DIR", help="workload cgroup v2 the acceleration hooks attach to")
+    parser.add_argument("--sidecar-ports", default="15001,15006", metavar="P,P,...", help="default 15001,15006")
+    parser.add_argument(
+        "--kernel-vip", action="append", default=[], metavar="POLICY=IP:PORT",
+        help="virtual address whose connects the kernel splits for a dataplane kernel/auto policy (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--print-c", action="store_true", help=argparse.SUPPRESS)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_c:
+        from meshlet.ebpf import source
+
+        print(source.translation_unit(source.HEADER, *source.OBSERVERS, source.CLASSIFIER).decode())
+        return 0
+    config = _config(args)
+    host, port = _listen_address(args.metrics)
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from meshlet.ebpf import capability
+    from meshlet.ebpf.agent import AgentError, NodeAgent, stop_on_signals
+
+    try:
+        capability.require()
+    except capability.CapabilityMissing as e:
+        raise CommandError(f"agent: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    registry = CollectorRegistry()
+    agent = NodeAgent(config, registry)
+    stop_on_signals(agent)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise CommandError(f"agent: cannot listen on {args.metrics}: {e.strerror}") from None
+    try:
+        agent.run(ready=lambda: logging.info("agent: ready, metrics on http://%s:%d/metrics", host, port))
+    except (LookupError, AgentError) as e:
+        raise CommandError(f"agent: {e.args[0]}") from None
+    except OSError as e:  # e.g. --pin-dir not on bpffs, or the kernel refusing a qdisc
+        raise CommandError(f"agent: {e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
+    finally:
+        server.shutdown()
+    return 0
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    from meshlet.ebpf.agent import policy_ports
+    from meshlet.policy.values import parse_duration
+
+    try:
+        policies = load_files(args.policy) if args.policy else None
+    except PolicyInvalid as e:
+        more = f" (and {len(e.errors) - 1} more: meshlet validate shows all)" if len(e.errors) > 1 else ""
+        raise CommandError(f"{e.errors[0]}{more}") from None
+    qos = policies.qos if policies else ()
+    if len(qos) > 1:
+        raise CommandError(f"agent: one QoSPolicy per node, got {len(qos)}: {', '.join(q.metadata.name for q in qos)}")
+    extra = [_port(p.strip(), args.ports) for p in args.ports.split(",") if p.strip()]
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as e:
+        raise CommandError(f"agent: {e}") from None
+    ports = policy_ports(qos, policies.traffic if policies else (), extra)
+    if len(ports) > 64:
+        raise CommandError(f"agent: at most 64 ports can be observed, policies and --ports name {len(ports)}")
+    pins = {"pin_dir": Path(args.pin_dir)} if args.pin_dir else {}
+    from meshlet.ebpf.acceleration import accel_config
+
+    traffic = policies.traffic if policies else ()
+    try:
+        accel = accel_config(args.cgroup, args.accelerate, args.sidecar_ports, args.kernel_vip, traffic)
+    except ValueError as e:
+        raise CommandError(f"agent: {e}") from None
+    return AgentConfig(ports, qos[0] if qos else None, args.interface, interval, **pins, accel=accel)
+
+
+def _port(text: str, flag: str) -> int:
+    if not text.isdigit():
+        raise CommandError(f"agent: --ports {flag}: {text!r} is not a port number")
+    if not 0 < int(text) < 65536:
+        raise CommandError(f"agent: --ports {flag}: ports are 1..65535")
+    return int(text)
+
+
+def _listen_address(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise CommandError(f"agent: --metrics {spec}: expected [HOST]:PORT")
+    return host or "0.0.0.0", int(port)
