@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.validate",
     "meshlet.commands.agent",
     "meshlet.commands.stats",
+    "meshlet.commands.ca",
+    "meshlet.commands.cert",
 )
 
 

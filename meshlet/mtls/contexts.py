@@ -1,0 +1,49 @@
+"""pyOpenSSL contexts for one identity: the inbound (server) and outbound (client) side of mTLS.
+
+Built once per identity (and again on rotation), shared by every connection: a connection keeps
+the context it started with, so rotating never breaks an established connection. Verification
+callbacks are set per connection by the caller, because the expected peer differs per backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import SSL, crypto
+
+from meshlet.mtls.files import Identity
+
+
+@dataclass(frozen=True)
+class TlsContexts:
+    identity: Identity
+    server: SSL.Context
+    client: SSL.Context
+
+
+def build_contexts(identity: Identity, alpn_select=None) -> TlsContexts:
+    """Contexts presenting `identity` and trusting only its bundle; TLS 1.2 at least."""
+    return TlsContexts(identity, _context(identity, SSL.TLS_SERVER_METHOD, alpn_select),
+                       _context(identity, SSL.TLS_CLIENT_METHOD, None))
+
+
+def _context(identity: Identity, method: int, alpn_select) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.use_certificate(identity.cert)
+    ctx.use_privatekey(identity.key)
+    ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    assert store is not None
+    for root in identity.bundle:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    if method == SSL.TLS_SERVER_METHOD:
+        ctx.set_client_ca_list([crypto.X509.from_cryptography(root).get_subject() for root in identity.bundle])
+        # One session cache per context: a rotated identity starts fresh instead of resuming old sessions.
+        ctx.set_session_id(identity.cert.fingerprint(hashes.SHA256())[:32])
+        if alpn_select is not None:
+            ctx.set_alpn_select_callback(alpn_select)
+    return ctx
+
