@@ -22,6 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.stats",
     "meshlet.commands.ca",
     "meshlet.commands.cert",
+    "meshlet.commands.inject",
+    "meshlet.commands.webhook",
 )
 
 

@@ -1,0 +1,60 @@
+"""`meshlet webhook --tls-cert C --tls-key K`: the sidecar-injecting admission webhook."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import ssl
+import sys
+import threading
+
+from meshlet.commands import CommandError
+from meshlet.k8s import flags
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "webhook",
+        help="serve the mutating admission webhook that injects the sidecar",
+        description="Serve admission.k8s.io/v1 AdmissionReviews on https://HOST:PORT/mutate; answers with a "
+        "JSONPatch doing what `meshlet inject` does. GET /healthz for probes.",
+        epilog="example: meshlet webhook --tls-cert /tls/tls.crt --tls-key /tls/tls.key --port 8443",
+    )
+    parser.add_argument("--tls-cert", required=True, metavar="FILE", help="PEM certificate (chain) to serve")
+    parser.add_argument("--tls-key", required=True, metavar="FILE", help="PEM private key")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8443, help="default: %(default)s")
+    parser.add_argument("--fail-open", action=argparse.BooleanOptionalAction, default=True,
+                        help="admit a Pod that cannot be injected, with a warning (default); "
+                        "--no-fail-open refuses it")
+    flags.add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshlet.k8s.server import ReloadingContext, make_server
+
+    cfg = flags.config_from_args(args)
+    try:
+        context = ReloadingContext(args.tls_cert, args.tls_key, log=lambda line: print(line, file=sys.stderr))
+    except (OSError, ssl.SSLError) as e:
+        raise CommandError(f"cannot load TLS certificate {args.tls_cert} / key {args.tls_key}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
+    try:
+        server = make_server((args.host, args.port), context, cfg, fail_open=args.fail_open)
+    except OSError as e:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="webhook", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    print(f"webhook: serving https://{host}:{port}/mutate (image {cfg.image}, "
+          f"fail-{'open' if args.fail_open else 'closed'})", file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0

@@ -1,0 +1,75 @@
+"""The sidecar flags `meshlet inject` and `meshlet webhook` share, so both inject the same Pod.
+
+The Helm chart passes its `proxy:` values to the webhook as exactly these flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from meshlet.k8s.sidecar import PULL_POLICIES, InjectConfig, Resources, check_quantity
+
+_DEFAULT = InjectConfig()
+
+
+def _quantity(text: str) -> str:
+    try:
+        return check_quantity(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _optional_quantity(text: str) -> str | None:
+    """A limit; `none` (or an empty string) leaves the limit unset."""
+    return None if text.lower() in ("", "none") else _quantity(text)
+
+
+def _optional_name(text: str) -> str:
+    return "" if text.lower() in ("", "none") else text
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: expected a number from 1 to 65535")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"bad count {text!r}: expected a number from 1 to 256")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sidecar", "what is injected (defaults match the Helm chart's values.yaml)")
+    r = _DEFAULT.resources
+    group.add_argument("--image", default=_DEFAULT.image, help="sidecar image (default: %(default)s)")
+    group.add_argument("--image-pull-policy", default=_DEFAULT.image_pull_policy, choices=PULL_POLICIES)
+    group.add_argument("--cpu-request", type=_quantity, default=r.cpu_request, help="default: %(default)s")
+    group.add_argument("--memory-request", type=_quantity, default=r.memory_request, help="default: %(default)s")
+    group.add_argument("--cpu-limit", type=_optional_quantity, default=r.cpu_limit, help="'none' for no limit")
+    group.add_argument("--memory-limit", type=_optional_quantity, default=r.memory_limit, help="'none' for no limit")
+    group.add_argument("--proxy-uid", type=int, default=_DEFAULT.uid, help="UID the sidecar runs as; its traffic "
+                       "is not redirected (default: %(default)s)")
+    group.add_argument("--proxy-workers", type=_count, default=_DEFAULT.workers, metavar="N",
+                       help="sidecar proxy processes (default: %(default)s)")
+    group.add_argument("--outbound-port", type=_port, default=_DEFAULT.outbound_port)
+    group.add_argument("--inbound-port", type=_port, default=_DEFAULT.inbound_port)
+    group.add_argument("--admin-port", type=_port, default=_DEFAULT.admin_port)
+    group.add_argument("--identity-secret", type=_optional_name, default=_DEFAULT.identity_secret,
+                       help="Secret with cert.pem/key.pem/ca.pem; {serviceAccount} is replaced; 'none' for no "
+                       "mTLS identity (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> InjectConfig:
+    return InjectConfig(
+        image=args.image,
+        image_pull_policy=args.image_pull_policy,
+        resources=Resources(args.cpu_request, args.memory_request, args.cpu_limit, args.memory_limit),
+        uid=args.proxy_uid,
+        outbound_port=args.outbound_port,
+        inbound_port=args.inbound_port,
+        admin_port=args.admin_port,
+        workers=args.proxy_workers,
+        identity_secret=args.identity_secret,
+    )

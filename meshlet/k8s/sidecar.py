@@ -1,0 +1,205 @@
+"""What injection adds to a Pod: the native sidecar, the traffic-capture init container, volumes.
+
+`InjectConfig` is the one place the sidecar's defaults live. `meshlet inject` and `meshlet
+webhook` build it from the same flags (`meshlet.k8s.flags`), and the Helm chart's
+`values.yaml` mirrors it (a test compares them), so a Pod looks the same whichever path
+injected it. Everything here is a pure function of the config: plain dicts in Kubernetes'
+wire shape, ready to be placed into a Pod spec.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from meshlet import __version__
+
+PROXY_NAME = "meshlet-proxy"
+INIT_NAME = "meshlet-init"
+IDENTITY_VOLUME = "meshlet-identity"
+TMP_VOLUME = "meshlet-tmp"
+IDENTITY_DIR = "/etc/meshlet/identity"
+
+# Every name injection owns: removing these undoes an earlier injection (idempotency).
+CONTAINER_NAMES: frozenset[str] = frozenset({PROXY_NAME, INIT_NAME})
+VOLUME_NAMES: frozenset[str] = frozenset({IDENTITY_VOLUME, TMP_VOLUME})
+
+# Kubernetes resource quantities: 100m, 0.5, 64Mi, 1G, 1e3.
+_QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+PULL_POLICIES: tuple[str, ...] = ("Always", "IfNotPresent", "Never")
+
+
+def check_quantity(text: str) -> str:
+    """A resource quantity as Kubernetes parses it; ValueError names the bad text."""
+    if not _QUANTITY.fullmatch(text):
+        raise ValueError(f"bad resource quantity {text!r}: expected e.g. 100m, 0.5, 64Mi, 1Gi")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    cpu_request: str = "50m"
+    memory_request: str = "64Mi"
+    cpu_limit: str | None = "1"
+    memory_limit: str | None = "256Mi"
+
+    def to_k8s(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {"requests": {"cpu": self.cpu_request, "memory": self.memory_request}}
+        limits = {k: v for k, v in (("cpu", self.cpu_limit), ("memory", self.memory_limit)) if v}
+        if limits:
+            out["limits"] = limits
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class InjectConfig:
+    """The sidecar's image, resources and ports; defaults are the chart's values.yaml `proxy:`."""
+
+    image: str = f"ghcr.io/meshlet/meshlet:{__version__}"
+    image_pull_policy: str = "IfNotPresent"
+    resources: Resources = field(default_factory=Resources)
+    uid: int = 1337
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    admin_port: int = 15000
+    # Proxy processes; `meshlet run` defaults to the CPU count, which in a Pod is the node's.
+    workers: int = 1
+    # `{serviceAccount}` becomes the Pod's service account: one SPIFFE identity per account.
+    # Empty: no workload certificate, the sidecar runs without mTLS.
+    identity_secret: str = "meshlet-identity-{serviceAccount}"
+
+    @property
+    def ports(self) -> frozenset[int]:
+        return frozenset({self.outbound_port, self.inbound_port, self.admin_port})
+
+
+PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+STATUS_ANNOTATION = "meshlet.dev/status"
+
+
+def pod_annotations(cfg: InjectConfig) -> dict[str, str]:
+    """Annotations-style Prometheus discovery of the sidecar's /metrics, plus the injected marker."""
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(cfg.admin_port),
+        "prometheus.io/path": "/metrics",
+        STATUS_ANNOTATION: "injected",
+    }
+
+
+def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
+    """The native sidecar: an init container with `restartPolicy: Always` (Kubernetes >= 1.29).
+
+    The kubelet starts the next init container, and so the app, only once the startup probe
+    passes, so the app never sends a request before the proxy listens and has a policy.
+    """
+    args = [
+        "run", "--watch-kube",
+        "--outbound", f"127.0.0.1:{cfg.outbound_port}",
+        "--inbound", f"0.0.0.0:{cfg.inbound_port}",
+        # The kubelet's probes and Prometheus reach the admin port over the Pod IP.
+        "--admin", f"0.0.0.0:{cfg.admin_port}",
+        "--workers", str(cfg.workers),
+    ]
+    if cfg.identity_secret:
+        args += ["--identity", IDENTITY_DIR]
+    if app_port is not None:
+        args += ["--app", f"127.0.0.1:{app_port}"]
+
+    def probe(failures: int) -> dict:
+        return {"httpGet": {"path": "/readyz", "port": cfg.admin_port}, "periodSeconds": 2, "timeoutSeconds": 2,
+                "failureThreshold": failures}
+
+    return {
+        "name": PROXY_NAME,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "restartPolicy": "Always",
+        "command": ["meshlet"],
+        "args": args,
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "HOME", "value": "/tmp"},  # mitmproxy keeps its confdir under $HOME
+        ],
+        "ports": [
+            {"name": "mesh-inbound", "containerPort": cfg.inbound_port, "protocol": "TCP"},
+            {"name": "mesh-admin", "containerPort": cfg.admin_port, "protocol": "TCP"},
+        ],
+        "startupProbe": probe(60),
+        "readinessProbe": probe(3),
+        "resources": cfg.resources.to_k8s(),
+        "securityContext": {
+            "runAsUser": cfg.uid,
+            "runAsGroup": cfg.uid,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            *([{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": True}] if cfg.identity_secret else []),
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+    }
+
+
+def redirect_script(cfg: InjectConfig) -> str:
+    """The shell script that captures the Pod's TCP: inbound → inbound port, outbound → outbound port.
+
+    Safe to run twice in the same network namespace (an init container retried after a
+    failure): chains are flushed, not duplicated, and the jumps are added only if missing.
+    Excluded: the proxy's own UID (or it would loop into itself), the admin port inbound
+    (probes and scrapes reach it directly), and loopback destinations and DNS outbound.
+    """
+    inbound, outbound = "MESHLET_INBOUND", "MESHLET_OUTPUT"
+    rules = [
+        f"ipt -A {inbound} -p tcp --dport {cfg.admin_port} -j RETURN",
+        f"ipt -A {inbound} -p tcp --dport {cfg.inbound_port} -j RETURN",
+        f"ipt -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
+        f"ipt -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
+        f"ipt -A {outbound} -d 127.0.0.0/8 -j RETURN",
+        f"ipt -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
+        f"ipt -A {outbound} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}",
+    ]
+    return "\n".join([
+        "set -eu",
+        'ipt() { iptables -w 5 -t nat "$@"; }',
+        f"for chain in {inbound} {outbound}; do ipt -N $chain 2>/dev/null || ipt -F $chain; done",
+        *rules,
+        f"ipt -C PREROUTING -p tcp -j {inbound} 2>/dev/null || ipt -A PREROUTING -p tcp -j {inbound}",
+        f"ipt -C OUTPUT -p tcp -j {outbound} 2>/dev/null || ipt -A OUTPUT -p tcp -j {outbound}",
+        "",
+    ])
+
+
+def init_container(cfg: InjectConfig) -> dict:
+    """Runs once before the sidecar, as root with only NET_ADMIN/NET_RAW, to install the redirect."""
+    return {
+        "name": INIT_NAME,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": ["/bin/sh", "-c", redirect_script(cfg)],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": False,  # iptables takes its lock in /run
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+        },
+    }
+
+
+def volumes(cfg: InjectConfig, service_account: str) -> list[dict]:
+    """The workload certificate and a scratch dir.
+
+    The Secret is required: a missing one holds the Pod in ContainerCreating with an event
+    naming it, which says more than a sidecar failing to read an empty directory.
+    """
+    tmp = {"name": TMP_VOLUME, "emptyDir": {}}
+    if not cfg.identity_secret:
+        return [tmp]
+    secret = cfg.identity_secret.replace("{serviceAccount}", service_account)
+    return [{"name": IDENTITY_VOLUME, "secret": {"secretName": secret}}, tmp]

@@ -1,0 +1,239 @@
+"""A small fake of kube-apiserver's custom-object endpoints, for tests only.
+
+A real kube-apiserver (with etcd) cannot run on this machine, so this stands in for it — the
+ONLY faked part: the client is the official `kubernetes` package over real HTTP on loopback.
+It keeps objects with resourceVersion/generation, does server-side apply (create or replace
+spec, bumping versions only on change), merge-patches status, and streams watch events.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+PREFIX = "/apis/meshlet.dev/v1alpha1/"
+
+
+class FakeApiServer:
+    def __init__(self, token: str = "test-token"):
+        self.token = token
+        self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) → object
+        self.events: list[tuple[int, str, str, str, dict]] = []  # (rv, type, plural, namespace, object)
+        self.requests: list[tuple[str, str, str]] = []  # (method, path?query, content type)
+        self.version = 100
+        self.gone = False  # the next watch request gets 410 Gone
+        self.epoch = 0  # bumped to end open watches
+        self.changed = threading.Condition()
+        self.closing = False
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeApiServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- what other actors (kubectl, controllers) do -------------------------------------------
+
+    def put(self, obj: dict) -> dict:
+        """Create or update an object as another client would; returns the stored object."""
+        meta = obj["metadata"]
+        plural = {"TrafficPolicy": "trafficpolicies", "QoSPolicy": "qospolicies"}[obj["kind"]]
+        with self.changed:
+            stored, _ = self._apply(plural, meta.get("namespace", ""), meta["name"], obj)
+            return copy.deepcopy(stored)
+
+    def delete(self, plural: str, namespace: str, name: str) -> None:
+        with self.changed:
+            obj = self.objects.pop((plural, namespace, name))
+            self.version += 1
+            obj["metadata"]["resourceVersion"] = str(self.version)
+            self._emit("DELETED", plural, namespace, obj)
+
+    def expire_history(self) -> None:
+        """As after etcd compaction: open watches end and the next one gets 410 Gone."""
+        with self.changed:
+            self.gone = True
+            self.epoch += 1
+            self.changed.notify_all()
+
+    def get(self, plural: str, namespace: str, name: str) -> dict | None:
+        with self.changed:
+            return copy.deepcopy(self.objects.get((plural, namespace, name)))
+
+    # -- the API ---------------------------------------------------------------------------------
+
+    def _emit(self, kind: str, plural: str, namespace: str, obj: dict) -> None:
+        self.events.append((self.version, kind, plural, namespace, copy.deepcopy(obj)))
+        self.changed.notify_all()
+
+    def _apply(self, plural: str, namespace: str, name: str, body: dict) -> tuple[dict, int]:
+        key = (plural, namespace, name)
+        old = self.objects.get(key)
+        labels = body.get("metadata", {}).get("labels")
+        if old is not None and old.get("spec") == body.get("spec") and old["metadata"].get("labels") == labels:
+            return old, 200
+        self.version += 1
+        meta = {"name": name, "resourceVersion": str(self.version),
+                "uid": old["metadata"]["uid"] if old else str(uuid.uuid4()),
+                "generation": old["metadata"]["generation"] + 1 if old else 1,
+                "creationTimestamp": "2026-01-01T00:00:00Z"}
+        if namespace:
+            meta["namespace"] = namespace
+        if labels is not None:
+            meta["labels"] = labels
+        new = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": meta, "spec": body.get("spec")}
+        if old and "status" in old:
+            new["status"] = old["status"]
+        self.objects[key] = new
+        self._emit("MODIFIED" if old else "ADDED", plural, namespace, new)
+        return new, 200 if old else 201
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _route(self) -> tuple[str, str, str, bool, dict] | None:
+                url = urlsplit(self.path)
+                fake.requests.append((self.command, self.path, self.headers.get("Content-Type", "")))
+                if self.headers.get("Authorization") != f"Bearer {fake.token}":
+                    self._send(401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+                    return None
+                if not url.path.startswith(PREFIX):
+                    self._send(404, {"kind": "Status", "code": 404, "message": f"no route {url.path}"})
+                    return None
+                parts = url.path[len(PREFIX):].split("/")
+                namespace = ""
+                if parts[0] == "namespaces":
+                    namespace, parts = parts[1], parts[2:]
+                plural, name = parts[0], parts[1] if len(parts) > 1 else ""
+                status = len(parts) > 2 and parts[2] == "status"
+                return plural, namespace, name, status, parse_qs(url.query)
+
+            def do_GET(self) -> None:
+                route = self._route()
+                if route is None:
+                    return
+                plural, namespace, name, _, query = route
+                if name:
+                    obj = fake.get(plural, namespace, name)
+                    if obj is None:
+                        self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound",
+                                         "message": f'{plural}.meshlet.dev "{name}" not found'})
+                    else:
+                        self._send(200, obj)
+                elif query.get("watch") == ["true"]:
+                    self._watch(plural, namespace, query)
+                else:
+                    with fake.changed:
+                        items = [copy.deepcopy(o) for (p, ns, _), o in sorted(fake.objects.items())
+                                 if p == plural and ns == namespace]
+                        version = str(fake.version)
+                    self._send(200, {"apiVersion": "meshlet.dev/v1alpha1", "kind": "TrafficPolicyList",
+                                     "metadata": {"resourceVersion": version}, "items": items})
+
+            def do_PATCH(self) -> None:
+                route = self._route()
+                if route is None:
+                    return
+                plural, namespace, name, status, query = route
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content_type = self.headers.get("Content-Type", "")
+                with fake.changed:
+                    if status:
+                        obj = fake.objects.get((plural, namespace, name))
+                        if obj is None:
+                            self._send(404, {"kind": "Status", "code": 404, "message": "not found"})
+                            return
+                        fake.version += 1
+                        obj["status"] = body["status"]
+                        obj["metadata"]["resourceVersion"] = str(fake.version)
+                        fake._emit("MODIFIED", plural, namespace, obj)
+                        self._send(200, copy.deepcopy(obj))
+                        return
+                    if content_type != "application/apply-patch+yaml" or query.get("fieldManager") is None:
+                        self._send(415, {"kind": "Status", "code": 415, "message": "expected server-side apply"})
+                        return
+                    if "spec" not in body:
+                        self._send(422, {"kind": "Status", "code": 422, "reason": "Invalid",
+                                         "message": "spec: Required value"})
+                        return
+                    obj, code = fake._apply(plural, namespace, name, body)
+                    self._send(code, copy.deepcopy(obj))
+
+            def _watch(self, plural: str, namespace: str, query: dict) -> None:
+                since = int(query.get("resourceVersion", ["0"])[0] or 0)
+                timeout = min(float(query.get("timeoutSeconds", ["5"])[0]), 5.0)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                with fake.changed:
+                    gone, fake.gone, epoch = fake.gone, False, fake.epoch
+                if gone:
+                    self._line({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired",
+                                                            "message": "too old resource version"}})
+                    return
+                sent = since
+                end = time.monotonic() + timeout
+                with fake.changed:
+                    while not fake.closing and fake.epoch == epoch:
+                        for version, kind, p, ns, obj in fake.events:
+                            if version > sent and p == plural and ns == namespace:
+                                self._line({"type": kind, "object": obj})
+                        sent = fake.version
+                        remaining = end - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        fake.changed.wait(remaining)
+                self.close_connection = True
+
+            def _line(self, event: dict) -> None:
+                try:
+                    self.wfile.write(json.dumps(event).encode() + b"\n")
+                    self.wfile.flush()
+                except OSError:
+                    pass
+
+            def _send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def kubeconfig(path, servers: dict[str, FakeApiServer], current: str, namespace: str = "default") -> str:
+    """A kubeconfig file with one context per fake server, named after the dict keys."""
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": current,
+        "clusters": [{"name": n, "cluster": {"server": s.url}} for n, s in servers.items()],
+        "users": [{"name": n, "user": {"token": s.token}} for n, s in servers.items()],
+        "contexts": [{"name": n, "context": {"cluster": n, "user": n, "namespace": namespace}} for n in servers],
+    }
+    path.write_text(json.dumps(config))
+    return str(path)
