@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.cert",
     "meshlet.commands.inject",
     "meshlet.commands.webhook",
+    "meshlet.commands.run",
 )
 
 

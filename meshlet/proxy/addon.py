@@ -1,0 +1,217 @@
+"""The routing addon: asks the routing table where each request goes and rewrites the upstream.
+
+Two ways to the backend. Routes without `timeout` or body-replaying `retries` stay on
+mitmproxy's own streaming path (bodies streamed, WebSocket and HTTP/2 upstreams work); the
+addon only rewrites the destination, after checking that a backend nobody is connected to
+accepts connections (503 or a connect-failure retry instead of mitmproxy's generic 502).
+Routes with a deadline or 5xx/reset retries go through `UpstreamPool`, which can stop at the
+deadline (504) and send the request again. Either way the table is read once per request, so
+a request finishes on the table it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from meshlet.policy.model import IDEMPOTENT_METHODS, Backend, Route
+from meshlet.proxy import responses
+from meshlet.proxy.state import PolicyState
+from meshlet.proxy.upstream import UpstreamError, UpstreamPool
+from meshlet.routing import Decision, RequestView, Unmatched, decide, parse_cookies
+from meshlet.telemetry.proxy import ProxyMetrics
+
+KEY = "meshlet"
+PROBE_TIMEOUT = 1.0
+GATEWAY_ERRORS = frozenset({502, 503, 504})
+log = logging.getLogger("meshlet.proxy")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request bookkeeping kept in `flow.metadata[KEY]`, dropped with the flow."""
+
+    direction: str
+    route: str
+    backend: str
+    service: str
+    started: float
+    decision: Decision | None = None
+    buffered: bool = False
+    done: bool = False
+    tried: list[str] = field(default_factory=list)
+
+
+def request_view(flow: http.HTTPFlow) -> RequestView:
+    request = flow.request
+    headers = {}
+    for name, value in request.headers.items(multi=True):
+        headers.setdefault(name.lower(), value)
+    peer = flow.client_conn.peername
+    return RequestView(
+        request.method, request.host_header or request.pretty_host, request.path, headers,
+        parse_cookies(headers.get("cookie", "")), peer[0] if peer else "", random.getrandbits(64),
+    )
+
+
+def needs_pool(decision: Decision) -> bool:
+    """Deadlines and replays need meshlet's client; mesh-TLS backends stay on mitmproxy's path."""
+    route = decision.route
+    if decision.backend.tls != "none":
+        return False
+    replays = route.retries is not None and set(route.retries.on) - {"connect-failure"}
+    return route.timeout is not None or bool(replays)
+
+
+def candidates(decision: Decision) -> list[Backend]:
+    """The chosen backend first, then the route's other backends by weight: where retries go."""
+    others = sorted(decision.route.to, key=lambda target: -target.weight)
+    chosen = decision.backend
+    return [chosen] + [decision.policy.backend(t.backend) for t in others if t.backend != chosen.name]
+
+
+def attempts_for(route: Route, method: str, condition: str) -> int:
+    retries = route.retries
+    if retries is None or method not in IDEMPOTENT_METHODS or condition not in retries.on:
+        return 1
+    return 1 + retries.attempts
+
+
+async def probe(backend: Backend, timeout: float) -> str | None:
+    """None when the backend accepts a connection, else why not."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(backend.address.host, backend.address.port), timeout)
+    except (OSError, TimeoutError) as e:
+        return f"cannot connect to {backend.address}: {e or 'timed out'}"
+    writer.close()
+    return None
+
+
+class Routing:
+    """One instance per process; shares the `PolicyState` with the admin API."""
+
+    def __init__(self, state: PolicyState, metrics: ProxyMetrics, strict_hosts: bool = False):
+        self.state = state
+        self.metrics = metrics
+        self.strict_hosts = strict_hosts
+        self.pool = UpstreamPool()
+        self.open_upstreams: Counter[tuple[str, int]] = Counter()
+        self.in_flight = 0
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or KEY in flow.metadata:
+            return
+        self.in_flight += 1
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            flow.metadata[KEY] = Exchange("inbound", "inbound", "app", "app", time.perf_counter())
+            flow.request.stream = True
+            return
+        await self._route(flow, decide(self.state.table, request_view(flow)))
+
+    async def _route(self, flow: http.HTTPFlow, decision: Decision | Unmatched | None) -> None:
+        host = flow.request.host_header or flow.request.pretty_host
+        if decision is None:
+            flow.metadata[KEY] = Exchange("outbound", "passthrough", "passthrough", "unknown", time.perf_counter())
+            if self.strict_hosts:
+                flow.response = responses.no_policy(host)
+            else:
+                flow.request.stream = True
+            return
+        service = decision.policy.host
+        if isinstance(decision, Unmatched):
+            flow.metadata[KEY] = Exchange("outbound", "unmatched", "none", service, time.perf_counter())
+            flow.response = responses.no_route(host)
+            return
+        exchange = Exchange("outbound", decision.route.name, decision.backend.name, service, time.perf_counter())
+        exchange.decision = decision
+        flow.metadata[KEY] = exchange
+        if needs_pool(decision):
+            exchange.buffered = True  # the `request` hook sends it once the body is in
+            return
+        await self._stream_to(flow, exchange, decision)
+
+    async def _stream_to(self, flow: http.HTTPFlow, exchange: Exchange, decision: Decision) -> None:
+        """Pick a backend that accepts connections (probing only one nobody is connected to)."""
+        tries = attempts_for(decision.route, flow.request.method, "connect-failure")
+        why = ""
+        for backend in candidates(decision)[:tries]:
+            address = (backend.address.host, backend.address.port)
+            if self.open_upstreams[address] <= 0 and (why := await probe(backend, PROBE_TIMEOUT) or ""):
+                continue
+            exchange.backend = backend.name
+            flow.request.data.host, flow.request.data.port = address
+            flow.request.scheme = "https" if backend.tls == "mesh" else "http"
+            flow.request.stream = True
+            return
+        flow.response = responses.unavailable(exchange.backend, why)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        exchange = flow.metadata.get(KEY)
+        if flow.response or exchange is None or not exchange.buffered or exchange.decision is None:
+            return
+        flow.response = await self._send_buffered(flow.request, exchange, exchange.decision)
+
+    async def _send_buffered(self, request: http.Request, exchange: Exchange, decision: Decision) -> http.Response:
+        route, timeout = decision.route, decision.route.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backends = candidates(decision)
+        attempt = 0
+        while True:
+            backend = backends[attempt % len(backends)]
+            exchange.backend = backend.name
+            attempt += 1
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                response = await self.pool.send((backend.address.host, backend.address.port), request, remaining)
+            except TimeoutError:
+                return responses.timed_out(route.name, timeout or 0.0)
+            except UpstreamError as e:
+                if attempt < attempts_for(route, request.method, e.condition):
+                    continue
+                make = responses.unavailable if e.condition == "connect-failure" else responses.bad_gateway
+                return make(backend.name, str(e))
+            code = response.status_code
+            conditions = ("5xx", "gateway-error") if code in GATEWAY_ERRORS else ("5xx",) if code >= 500 else ()
+            if not any(attempt < attempts_for(route, request.method, c) for c in conditions):
+                return response
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            flow.response.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, flow.response.status_code if flow.response else 502)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, flow.response.status_code if flow.response else 502)
+
+    def _finish(self, flow: http.HTTPFlow, code: int) -> None:
+        exchange = flow.metadata.get(KEY)
+        if exchange is None or exchange.done:
+            return
+        exchange.done = True
+        self.in_flight -= 1
+        elapsed = time.perf_counter() - exchange.started
+        self.metrics.observe(exchange.direction, exchange.route, exchange.backend, code, elapsed, exchange.service)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.address:
+            self.open_upstreams[data.server.address] += 1
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        address = data.server.address
+        if address in self.open_upstreams:
+            self.open_upstreams[address] -= 1
+            if self.open_upstreams[address] <= 0:
+                del self.open_upstreams[address]  # pass-through destinations must not pile up
+
+    def done(self) -> None:
+        self.pool.close()

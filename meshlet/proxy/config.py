@@ -1,0 +1,64 @@
+"""What one sidecar process is told at start: listener addresses and behaviour switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshlet.policy.model import Address
+
+
+def parse_listen(text: str) -> Address:
+    """`HOST:PORT`, `[IPv6]:PORT` or `:PORT` (all interfaces); port 0 picks a free port."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:15001")
+    return Address(host or "0.0.0.0", int(port))
+
+
+OUTBOUND = Address("127.0.0.1", 15001)
+INBOUND = Address("0.0.0.0", 15006)
+ADMIN = Address("127.0.0.1", 15000)
+APP = Address("127.0.0.1", 8080)
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """`identity_dir` (cert.pem, key.pem, ca.pem) switches on mesh TLS; None runs cleartext."""
+
+    outbound: Address = OUTBOUND
+    inbound: Address = INBOUND
+    admin: Address = ADMIN
+    app: Address = APP
+    strict_hosts: bool = False
+    drain_timeout: float = 10.0
+    metrics_compat: str = "none"
+    workload: str = "unknown"
+    identity_dir: Path | None = None
+
+    def mode_specs(self) -> list[str]:
+        """mitmproxy modes: `regular` takes both Host-header and absolute-form (HTTP_PROXY) requests."""
+        return [
+            f"regular@{self.outbound}",
+            f"reverse:http://{self.app}@{self.inbound}",
+        ]
+
+
+def config_to_json(config: SidecarConfig) -> dict:
+    """For handing the config to worker processes."""
+    value = {name: getattr(config, name) for name in SidecarConfig.__dataclass_fields__}
+    for name in ("outbound", "inbound", "admin", "app"):
+        value[name] = [value[name].host, value[name].port]
+    value["identity_dir"] = str(config.identity_dir) if config.identity_dir else None
+    return value
+
+
+def config_from_json(value: dict) -> SidecarConfig:
+    fields = dict(value)
+    for name in ("outbound", "inbound", "admin", "app"):
+        fields[name] = Address(fields[name][0], int(fields[name][1]))
+    fields["identity_dir"] = Path(fields["identity_dir"]) if fields.get("identity_dir") else None
+    return SidecarConfig(**fields)

@@ -1,0 +1,285 @@
+"""The mTLS addon: mesh identity on both sides of the sidecar.
+
+Inbound (the reverse-mode listener): applies the policy's `mtls.mode` — STRICT refuses plaintext and any TLS
+peer without a mesh certificate at the handshake, PERMISSIVE sniffs the first bytes and takes
+both, DISABLE takes plaintext only — then authorizes each request by the peer's SPIFFE ID (403
+when not in `mtls.allow`) and hands the verified ID to the app in `x-meshlet-peer-identity`,
+after deleting whatever the client put there.
+
+Outbound: a request routed to a `tls: mesh` backend goes out over mTLS with this workload's
+certificate; the peer must chain to the mesh CA and, when the backend names an `identity`,
+present exactly that SPIFFE ID.
+
+mitmproxy's own tlsconfig cannot do either (it accepts any client certificate and forces hostname
+checks upstream), so this addon supplies the `SSL.Connection`s itself and must be added before
+`NextLayer` and `TlsConfig` (both step aside when a layer or connection is already set). The
+routing addon marks mesh backends `https`; this addon recognises them by address in
+`tls_start_server`. Everything it decides comes from pure functions in `meshlet.mtls`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import connection, ctx, http, tls
+from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, layer, server_hooks
+from mitmproxy.proxy.mode_specs import ReverseMode
+from OpenSSL import SSL, crypto
+from prometheus_client import CollectorRegistry
+
+from meshlet.mtls.contexts import TlsContexts
+from meshlet.mtls.files import describe
+from meshlet.mtls.rotation import IdentityWatcher
+from meshlet.mtls.verify import Verdict, verify_peer
+from meshlet.policy.model import Backend, Mtls, TrafficPolicy
+from meshlet.telemetry.mtls import MtlsMetrics, default_metrics
+
+log = logging.getLogger(__name__)
+
+PEER_IDENTITY_HEADER = "x-meshlet-peer-identity"
+DEFAULT_MTLS = Mtls()  # no policy says otherwise: PERMISSIVE, like Istio's default
+
+
+def watch_identity(directory: Path) -> IdentityWatcher:
+    """Load an identity dir (IdentityError if unusable) and follow it, negotiating ALPN as mitmproxy does."""
+    return IdentityWatcher(directory, alpn_select=alpn_select_callback)
+
+
+def inbound_mtls(policies: Sequence[TrafficPolicy]) -> Mtls:
+    """The inbound settings: the first policy that has an `mtls` section, else PERMISSIVE."""
+    return next((p.mtls for p in policies if p.mtls is not None), DEFAULT_MTLS)
+
+
+def mesh_backends(policies: Sequence[TrafficPolicy]) -> dict[tuple[str, int], Backend]:
+    """(host, port) → backend for every `tls: mesh` backend, the lookup outbound TLS needs."""
+    return {(b.address.host, b.address.port): b for p in policies for b in p.backends if b.tls == "mesh"}
+
+
+@dataclass
+class _Probe:
+    """The verify callback of one handshake, remembering its verdict for metrics and authorization."""
+
+    bundle: Sequence
+    now: Callable[[], dt.datetime]
+    expect: tuple[str, ...] = ()
+    verdict: Verdict | None = None
+
+    def callback(self, _conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        if depth > 0:
+            return True  # the chain is judged as a whole at the leaf, by verify_peer
+        try:
+            verdict = verify_peer([cert.to_cryptography()], self.bundle, self.now(), self.expect)
+        except ValueError as e:  # an extension cryptography cannot parse: not a certificate we issued
+            verdict = Verdict("bad_ca", detail=f"unreadable certificate: {e}")
+        if verdict.ok and not ok:  # OpenSSL found a fault verify_peer does not model: trust the stricter
+            verdict = Verdict("bad_ca", verdict.identity, detail=f"OpenSSL verify error {errno}")
+        self.verdict = verdict
+        return verdict.ok
+
+
+class _Refuse(layer.Layer):
+    """Closes the client connection without a byte: a plaintext peer on a STRICT port gets nothing."""
+
+    closed = False
+
+    def _handle_event(self, event):
+        if not self.closed:
+            self.closed = True
+            yield commands.CloseConnection(self.context.client)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class MeshTls:
+    """One per sidecar process. `policies` returns the running policies (read, never stored, per
+    connection or request, so a PUT /policy applies to the next handshake); `watcher` is None
+    when the sidecar runs without `--identity`: then TLS is refused inbound and not originated."""
+
+    def __init__(
+        self,
+        watcher: IdentityWatcher | None,
+        policies: Callable[[], Sequence[TrafficPolicy]],
+        metrics: MtlsMetrics | None = None,
+        poll_interval: float = 1.0,
+        now: Callable[[], dt.datetime] = _now,
+    ) -> None:
+        self.watcher = watcher
+        self._policies = policies
+        self.metrics = metrics or default_metrics()
+        self._poll_interval = poll_interval
+        self._now = now
+        self._probes: dict[str, _Probe] = {}  # connection id → handshake in progress
+        self._identities: dict[str, str] = {}  # inbound client id → verified SPIFFE ID
+        self._seen: Sequence[TrafficPolicy] | None = None
+        self._mesh: dict[tuple[str, int], Backend] = {}
+        self._poller: asyncio.Task | None = None
+        if watcher is not None:
+            self._expiry(watcher.current)
+
+    # --- lifecycle: follow the identity dir ------------------------------------------------
+    def running(self) -> None:
+        if self.watcher is not None and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    def done(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+
+    async def _poll_forever(self) -> None:
+        assert self.watcher is not None
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            if self.watcher.poll():
+                self._expiry(self.watcher.current)
+
+    def _expiry(self, contexts: TlsContexts) -> None:
+        self.metrics.cert_expiry.set(contexts.identity.not_after.timestamp())
+
+    def certs(self) -> dict:
+        """What `GET /certs` on the admin API shows."""
+        if self.watcher is None:
+            return {"identity": None}
+        return {**describe(self.watcher.current.identity), "dir": str(self.watcher.directory)}
+
+    # --- inbound -----------------------------------------------------------------------------
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        client = nextlayer.context.client
+        if nextlayer.layer or not self._is_inbound(client):
+            return
+        data = nextlayer.data_client()
+        if not data:
+            return
+        is_tls = starts_like_tls_record(data)
+        mode = inbound_mtls(self._policies()).mode
+        if not is_tls:
+            self.metrics.handshake("inbound", "plaintext")
+        if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and not self.watcher):
+            log.info("inbound %s refused: %s on a %s port", client.peername, "TLS" if is_tls else "plaintext", mode)
+            nextlayer.layer = _Refuse(nextlayer.context)
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        client = data.context.client
+        if data.ssl_conn is not None or self.watcher is None or not self._is_inbound(client):
+            return
+        contexts = self.watcher.current
+        probe = _Probe(contexts.identity.bundle, self._now)
+        conn = SSL.Connection(contexts.server)
+        conn.set_app_data(AppData(client_alpn=client.alpn, server_alpn=data.context.server.alpn,
+                                  http2=ctx.options.http2))
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, probe.callback)
+        conn.set_accept_state()
+        self._probes[client.id] = probe
+        data.ssl_conn = conn
+
+    def tls_established_client(self, data: tls.TlsData) -> None:
+        probe = self._probes.pop(data.conn.id, None)
+        if probe is None or probe.verdict is None or probe.verdict.identity is None:
+            return
+        identity = probe.verdict.identity
+        self._identities[data.conn.id] = identity
+        allow = inbound_mtls(self._policies()).allow
+        self.metrics.handshake("inbound", "denied" if allow and identity not in allow else "ok")
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        probe = self._probes.pop(data.conn.id, None)
+        if probe is not None:
+            self._failed("inbound", probe, data.conn)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._identities.pop(client.id, None)
+        self._probes.pop(client.id, None)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        if self._is_inbound(flow.client_conn):
+            self._authorize(flow)
+
+    def _authorize(self, flow: http.HTTPFlow) -> None:
+        flow.request.headers.pop(PEER_IDENTITY_HEADER, None)
+        mtls = inbound_mtls(self._policies())
+        identity = self._identities.get(flow.client_conn.id)
+        if identity is None:
+            if mtls.mode == "STRICT":  # a plaintext connection accepted before the policy became STRICT
+                flow.response = _forbidden("mTLS required")
+            return
+        if mtls.allow and identity not in mtls.allow:
+            flow.response = _forbidden(f"peer identity {identity} is not allowed")
+            return
+        flow.request.headers[PEER_IDENTITY_HEADER] = identity
+
+    @staticmethod
+    def _is_inbound(client: connection.Client) -> bool:
+        return isinstance(client.proxy_mode, ReverseMode)  # the sidecar's one reverse listener: inbound
+
+    # --- outbound: the routing addon sets scheme https for `tls: mesh` backends ------------------
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        server = data.conn
+        if data.ssl_conn is not None or server.address is None:
+            return
+        backend = self._mesh_backend(*server.address[:2])
+        if backend is None:
+            return
+        if self.watcher is None:  # mitmproxy's own TLS follows, and fails: the mesh CA is in no public bundle
+            log.warning("backend %s (%s) needs mesh mTLS but the sidecar runs without --identity",
+                        backend.name, backend.address)
+            return
+        contexts = self.watcher.current
+        probe = _Probe(contexts.identity.bundle, self._now, (backend.identity,) if backend.identity else ())
+        conn = SSL.Connection(contexts.client)
+        conn.set_verify(SSL.VERIFY_PEER, probe.callback)
+        if server.alpn_offers:
+            conn.set_alpn_protos(list(server.alpn_offers))
+        conn.set_connect_state()
+        self._probes[server.id] = probe
+        data.ssl_conn = conn
+
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        if self._probes.pop(data.conn.id, None) is not None:
+            self.metrics.handshake("outbound", "ok")
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        probe = self._probes.pop(data.conn.id, None)
+        if probe is not None:
+            self._failed("outbound", probe, data.conn)
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._probes.pop(data.server.id, None)
+
+    def _mesh_backend(self, host: str, port: int) -> Backend | None:
+        policies = self._policies()
+        if policies is not self._seen:  # a new policy was swapped in: recompile the lookup once
+            self._mesh, self._seen = mesh_backends(policies), policies
+        return self._mesh.get((host, port))
+
+    def _failed(self, direction: str, probe: _Probe, conn: connection.Connection) -> None:
+        verdict = probe.verdict
+        result = verdict.result if verdict is not None and not verdict.ok else "no_cert"
+        self.metrics.handshake(direction, result)
+        log.info("%s mTLS handshake with %s refused: %s %s", direction, conn.peername or conn.address, result,
+                 verdict.detail if verdict else conn.error or "")
+
+
+def _forbidden(reason: str) -> http.Response:
+    return http.Response.make(403, f"meshlet: {reason}\n", {"content-type": "text/plain"})
+
+
+def mesh_tls_addons(identity_dir: Path | None, policies: Callable[[], Sequence[TrafficPolicy]],
+                    registry: CollectorRegistry) -> list[MeshTls]:
+    """The addon as the sidecar adds it; raises IdentityError when `identity_dir` is unusable.
+
+    Present even without an identity: STRICT must still refuse plaintext, and the identity
+    header must still be stripped.
+    """
+    watcher = watch_identity(identity_dir) if identity_dir is not None else None
+    return [MeshTls(watcher, policies, MtlsMetrics(registry))]

@@ -1,0 +1,131 @@
+"""meshlet's own HTTP/1.1 upstream client, for routes with a `timeout` or `retries`.
+
+mitmproxy's server side cannot be cut short with a chosen status or replayed against another
+backend, so a route that asks for a deadline (504) or retries sends its request here instead:
+one bounded exchange over a pooled keep-alive connection. Bodies are buffered, which retries
+need anyway (a request can only be sent again if it is still at hand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+
+from mitmproxy import http
+from mitmproxy.net.http import http1
+
+Address = tuple[str, int]
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "trailer")
+MAX_IDLE_PER_BACKEND = 64
+MAX_HEAD = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """The exchange failed before a response; `condition` is the retry condition it matches."""
+
+    def __init__(self, condition: str, message: str):
+        super().__init__(message)
+        self.condition = condition  # "connect-failure" | "reset"
+
+
+class _Stale(Exception):
+    """A pooled connection the backend had closed: retry once on a fresh one, not a policy retry."""
+
+
+def _request_head(request: http.Request) -> bytes:
+    lines = [f"{request.method} {request.path or '/'} HTTP/1.1"]
+    for name, value in request.headers.items(multi=True):
+        if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+            lines.append(f"{name}: {value}")
+    if "host" not in request.headers:
+        lines.append(f"Host: {request.host_header or request.pretty_host}")
+    body = request.raw_content or b""
+    if body or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    chunks = []
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.split(b";")[0].strip(), 16)
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers are dropped
+                pass
+            return b"".join(chunks)
+        chunks.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
+class UpstreamPool:
+    """Keep-alive connections per backend address; one exchange per connection at a time."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Address, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = defaultdict(list)
+
+    async def send(self, address: Address, request: http.Request, timeout: float | None) -> http.Response:
+        """The backend's complete response; UpstreamError or TimeoutError otherwise."""
+        async with asyncio.timeout(timeout):
+            while self._idle[address]:
+                reader, writer = self._idle[address].pop()
+                if reader.at_eof() or writer.is_closing():
+                    writer.close()
+                    continue
+                with contextlib.suppress(_Stale):
+                    return await self._exchange(address, reader, writer, request, reused=True)
+            try:
+                reader, writer = await asyncio.open_connection(*address, limit=MAX_HEAD)
+            except OSError as e:
+                raise UpstreamError("connect-failure", f"cannot connect to {address[0]}:{address[1]}: {e}") from None
+            return await self._exchange(address, reader, writer, request, reused=False)
+
+    async def _exchange(
+        self, address: Address, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        request: http.Request, reused: bool,
+    ) -> http.Response:
+        keep = False
+        try:
+            writer.write(_request_head(request) + (request.raw_content or b""))
+            await writer.drain()
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as e:
+                if reused and not e.partial:
+                    raise _Stale from None
+                raise
+            response = http1.read_response_head(head.split(b"\r\n")[:-2])
+            size = http1.expected_http_body_size(request, response)
+            if size is None:
+                body = await _read_chunked(reader)
+            elif size == -1:
+                body = await reader.read()
+            else:
+                body = await reader.readexactly(size)
+            keep = size != -1 and not http1.connection_close(response.data.http_version, response.headers)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+            if isinstance(e, ConnectionError) and reused:
+                raise _Stale from None
+            raise UpstreamError("reset", f"{address[0]}:{address[1]} closed or garbled the response: {e}") from None
+        finally:
+            if keep:
+                idle = self._idle[address]
+                if len(idle) < MAX_IDLE_PER_BACKEND:
+                    idle.append((reader, writer))
+                else:
+                    writer.close()
+            else:
+                writer.close()
+        for name in HOP_BY_HOP:
+            response.headers.pop(name, None)
+        response.raw_content = body
+        if size != 0:  # bodiless answers (HEAD, 204, 304) keep their headers as sent
+            response.headers["content-length"] = str(len(body))
+        return response
+
+    def close(self) -> None:
+        for connections in self._idle.values():
+            for _, writer in connections:
+                writer.close()
+        self._idle.clear()

@@ -1,0 +1,43 @@
+"""One worker process of `meshlet run --workers N` (run as `python -m meshlet.proxy.worker`).
+
+The supervisor writes `{"config": ..., "policy": TEXT, "generation": N}` to stdin; the worker
+binds the shared listeners with SO_REUSEPORT, its admin API on a private loopback port, and
+answers one JSON line on stdout: `{"ready": {...}}` or `{"error": "one line"}`.
+Metrics go to the supervisor's PROMETHEUS_MULTIPROC_DIR (set in our environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from meshlet.policy import PolicyInvalid
+
+
+def _say(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    from meshlet.proxy.config import config_from_json
+    from meshlet.proxy.master import StartupError, serve, setup_logging
+    from meshlet.proxy.reuseport import enable_reuse_port
+    from meshlet.proxy.state import compile_policy
+
+    job = json.loads(sys.stdin.readline())
+    setup_logging()
+    enable_reuse_port()
+    try:
+        applied = compile_policy(job["policy"], int(job["generation"]), "policy")
+        return asyncio.run(serve(config_from_json(job["config"]), applied, lambda addrs: _say({"ready": addrs})))
+    except (StartupError, PolicyInvalid) as e:
+        _say({"error": str(e).splitlines()[0]})
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
