@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup
 
 run: setup
-	$(VENV)/bin/meshlet validate policies/*.yaml
+	$(VENV)/bin/meshlet demo
 
 test: setup
 	$(VENV)/bin/ruff check .

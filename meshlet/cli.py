@@ -25,6 +25,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.inject",
     "meshlet.commands.webhook",
     "meshlet.commands.run",
+    "meshlet.commands.apply",
+    "meshlet.commands.demo",
 )
 
 
