@@ -1,0 +1,149 @@
+"""Two real sidecars: the client side originates mTLS for `tls: mesh` backends, the server side is STRICT.
+
+app client ──http──► sidecar A (frontend) ══mTLS══► sidecar B (reviews, STRICT) ──http──► echo app
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from mesh_support import (
+    FRONTEND,
+    RATINGS,
+    REVIEWS,
+    Client,
+    EchoApp,
+    admin,
+    http_get,
+    load,
+    make_mesh,
+    now,
+    run_sidecar,
+    traffic_policy,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshlet.mtls.ca import issue_workload
+from meshlet.mtls.files import write_identity
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    mesh = make_mesh(tmp_path_factory.mktemp("mesh"))
+    mesh.identity("a", FRONTEND)
+    mesh.identity("b", REVIEWS)
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def pair(mesh):
+    app = EchoApp()
+    try:
+        b_policy = traffic_policy("self", "self", "127.0.0.1:9", mode="STRICT", allow=(FRONTEND,))
+        with run_sidecar(b_policy, "--identity", str(mesh.root / "b"), app_port=app.port) as b:
+            target = f"127.0.0.1:{b.inbound[1]}"
+            with run_sidecar(to_b(target), "--identity", str(mesh.root / "a")) as a:
+                yield a, b, target
+                assert "Traceback" not in a.stderr() + b.stderr()
+    finally:
+        app.close()
+
+
+def to_b(target: str, identity: str | None = REVIEWS, tls: str = "mesh") -> str:
+    return traffic_policy("reviews", "reviews", target, tls=tls, identity=identity)
+
+
+@pytest.fixture
+def a_policy(pair):
+    a, _, target = pair
+
+    def apply(text: str) -> None:
+        status, body = admin(a, "PUT", "/policy", text.encode())
+        assert status == 200, body
+
+    yield apply
+    apply(to_b(target))
+
+
+def outbound_results(sidecar) -> dict[str, float]:
+    _, text = admin(sidecar, "GET", "/metrics")
+    return {
+        s.labels["result"]: s.value
+        for f in text_string_to_metric_families(text) if f.name == "meshlet_mtls_handshakes"
+        for s in f.samples if s.name.endswith("_total") and s.labels["direction"] == "outbound"
+    }
+
+
+def test_outbound_mesh_backend_goes_over_mtls_with_the_callers_identity(pair):
+    a, _, _ = pair
+    assert http_get(a.outbound, host="reviews") == (200, f"app {FRONTEND}\n")
+    assert outbound_results(a).get("ok", 0) >= 1
+
+
+def test_outbound_refuses_a_peer_with_another_identity(pair, a_policy):
+    a, _, target = pair
+    before = outbound_results(a).get("denied", 0)
+    a_policy(to_b(target, identity=RATINGS))
+    status, body = http_get(a.outbound, host="reviews")
+    assert status == 502
+    assert "app" not in body
+    assert outbound_results(a).get("denied", 0) == before + 1
+
+
+def test_outbound_without_identity_accepts_any_mesh_peer(pair, a_policy):
+    a, _, target = pair
+    a_policy(to_b(target, identity=None))
+    assert http_get(a.outbound, host="reviews") == (200, f"app {FRONTEND}\n")
+
+
+def test_plain_backend_to_a_strict_sidecar_is_refused(pair, a_policy):
+    a, _, target = pair
+    a_policy(to_b(target, identity=None, tls="none"))
+    status, _ = http_get(a.outbound, host="reviews")
+    assert status in (502, 503)
+
+
+def serial(sidecar) -> str:
+    status, certs = admin(sidecar, "GET", "/certs")
+    assert status == 200
+    return certs["serial"]
+
+
+def test_rotating_both_identities_mid_load_fails_no_request(pair, mesh):
+    a, b, _ = pair
+    old = serial(a), serial(b)
+    established = Client(a.outbound)  # a keep-alive connection, and A's mTLS connection behind it
+    assert established.request().body == f"app {FRONTEND}\n"
+    sock = established.conn.sock
+    stop = threading.Event()
+    results = []
+
+    def keep_loading() -> None:
+        while not stop.is_set():
+            results.extend(load(a.outbound, 40, connections=2))
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(keep_loading)
+        try:
+            time.sleep(0.5)
+            for name, spiffe_id in (("a", FRONTEND), ("b", REVIEWS)):
+                write_identity(mesh.root / name, issue_workload(mesh.ca, spiffe_id, now(), 3600), mesh.ca.cert)
+            deadline = time.monotonic() + 15
+            while serial(a) == old[0] or serial(b) == old[1]:
+                assert time.monotonic() < deadline, "rotation not picked up within 15s"
+                time.sleep(0.2)
+            time.sleep(0.5)  # keep loading on the new identities
+        finally:
+            stop.set()
+            running.result(60)
+    failures = [r for r in results if isinstance(r, Exception) or r.status != 200]
+    assert len(results) >= 80
+    assert failures == []
+    assert {r.body for r in results} == {f"app {FRONTEND}\n"}
+    # the connection from before the rotation still works, on the same socket
+    assert established.request().body == f"app {FRONTEND}\n"
+    assert established.conn.sock is sock
+    established.close()
