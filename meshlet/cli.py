@@ -18,15 +18,15 @@ from meshlet.commands import CommandError
 # One line per command module; order is the order of `meshlet --help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.validate",
-    "meshlet.commands.agent",
-    "meshlet.commands.stats",
+    "meshlet.commands.apply",
+    "meshlet.commands.run",
+    "meshlet.commands.demo",
     "meshlet.commands.ca",
     "meshlet.commands.cert",
+    "meshlet.commands.agent",
+    "meshlet.commands.stats",
     "meshlet.commands.inject",
     "meshlet.commands.webhook",
-    "meshlet.commands.run",
-    "meshlet.commands.apply",
-    "meshlet.commands.demo",
 )
 
 
