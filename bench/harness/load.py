@@ -63,14 +63,29 @@ def wrk(url: str, connections: int, duration: float, host: str | None = None) ->
     return parse_wrk(out)
 
 
-def fixed_rate(port: int, rate: float, duration: float, connections: int = 16, host: str = "reviews") -> LoadResult:
-    return asyncio.run(_fixed_rate(port, rate, duration, connections, host))
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    """Read one response with a content-length body; its status line."""
+    status = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return status
 
 
-async def _fixed_rate(port: int, rate: float, duration: float, connections: int, host: str) -> LoadResult:
+def fixed_rate(port: int, rate: float, duration: float, connections: int = 16, host: str = "reviews",
+               warm: bool = False) -> LoadResult:
+    """`warm`: each connection sends one untimed request first, so connection set-up (a proxy's
+    upstream connect and TLS handshake) is not in the figures: steady state with connection reuse."""
+    return asyncio.run(_fixed_rate(port, rate, duration, connections, host, warm))
+
+
+async def _fixed_rate(port: int, rate: float, duration: float, connections: int, host: str,
+                      warm: bool = False) -> LoadResult:
     request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     total = int(rate * duration)
-    start = time.monotonic() + 0.2
+    start = time.monotonic() + (1.0 if warm else 0.2)
     next_index = iter(range(total))
     latencies: list[float] = []
     errors = 0
@@ -79,18 +94,16 @@ async def _fixed_rate(port: int, rate: float, duration: float, connections: int,
         nonlocal errors
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
+            if warm:
+                writer.write(request)
+                await _response(reader)
             for i in next_index:
                 scheduled = start + i / rate
                 delay = scheduled - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 writer.write(request)
-                status = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                status = await _response(reader)
                 latencies.append(time.monotonic() - scheduled)
                 if not status.startswith(b"HTTP/1.1 2"):
                     errors += 1

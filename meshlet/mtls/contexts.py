@@ -3,6 +3,8 @@
 Built once per identity (and again on rotation), shared by every connection: a connection keeps
 the context it started with, so rotating never breaks an established connection. Verification
 callbacks are set per connection by the caller, because the expected peer differs per backend.
+The server side issues TLS session tickets, so a sidecar reconnecting to a peer resumes instead
+of repeating the signatures and chain checks of a full handshake (see meshlet.proxy.mtls).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 
 from meshlet.mtls.files import Identity
+
+SESSION_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ def _context(identity: Identity, method: int, alpn_select) -> SSL.Context:
         ctx.set_client_ca_list([crypto.X509.from_cryptography(root).get_subject() for root in identity.bundle])
         # One session cache per context: a rotated identity starts fresh instead of resuming old sessions.
         ctx.set_session_id(identity.cert.fingerprint(hashes.SHA256())[:32])
+        # Resumption skips the certificate exchange; the addon judges the remembered peer again, and
+        # sessions outlive no more than this (OpenSSL's default is two hours).
+        ctx.set_timeout(SESSION_SECONDS)
         if alpn_select is not None:
             ctx.set_alpn_select_callback(alpn_select)
     return ctx

@@ -7,6 +7,7 @@ handshake callback, the metrics label and the 403 decision all agree on one answ
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -47,7 +48,7 @@ def verify_peer(
         return Verdict("plaintext", detail="no TLS")
     if not chain:
         return Verdict("no_cert", detail="the peer sent no certificate")
-    path = _path_to_root(chain, bundle)
+    path = _trusted_path(tuple(chain), tuple(bundle))
     if path is None:
         return Verdict("bad_ca", detail=f"issuer {chain[0].issuer.rfc4514_string()!r} is not in the mesh trust bundle")
     for cert in path:
@@ -75,6 +76,14 @@ def identity_of(cert: x509.Certificate) -> str | None:
         return parse_spiffe_id(uris[0])
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _trusted_path(chain: tuple[x509.Certificate, ...], bundle: tuple[x509.Certificate, ...]) -> tuple | None:
+    """`_path_to_root`, remembered: the signatures of a chain do not change, and every handshake of
+    a peer (a resumed one too) presents the same certificate. Validity times are checked per call."""
+    path = _path_to_root(chain, bundle)
+    return None if path is None else tuple(path)
 
 
 def _path_to_root(chain: Sequence[x509.Certificate], bundle: Sequence[x509.Certificate]) -> list | None:

@@ -20,6 +20,7 @@ routing addon marks mesh backends `https`; this addon recognises them by address
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
@@ -35,7 +36,8 @@ from OpenSSL import SSL, crypto
 from prometheus_client import CollectorRegistry
 
 from meshlet.mtls.contexts import TlsContexts
-from meshlet.mtls.files import describe
+from meshlet.mtls.files import IdentityError, describe
+from meshlet.mtls.reissue import Reissuer
 from meshlet.mtls.rotation import IdentityWatcher
 from meshlet.mtls.verify import Verdict, verify_peer
 from meshlet.policy.model import Backend, Mtls, TrafficPolicy
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PEER_IDENTITY_HEADER = "x-meshlet-peer-identity"
 DEFAULT_MTLS = Mtls()  # no policy says otherwise: PERMISSIVE, like Istio's default
+MAX_RESUMABLE_PEERS = 1024  # outbound sessions kept for resumption; forgotten all at once past that
 
 
 def watch_identity(directory: Path) -> IdentityWatcher:
@@ -111,14 +114,19 @@ class MeshTls:
         metrics: MtlsMetrics | None = None,
         poll_interval: float = 1.0,
         now: Callable[[], dt.datetime] = _now,
+        reissuer: Reissuer | None = None,
     ) -> None:
         self.watcher = watcher
+        self.reissuer = reissuer  # local mode (`--ca`): renew the certificate ourselves before it expires
+        self._reissue_error = ""
         self._policies = policies
         self.metrics = metrics or default_metrics()
         self._poll_interval = poll_interval
         self._now = now
         self._probes: dict[str, _Probe] = {}  # connection id → handshake in progress
+        self._peers: dict[str, tuple] = {}  # outbound connection id → its resumption key
         self._identities: dict[str, str] = {}  # inbound client id → verified SPIFFE ID
+        self._resume: dict[tuple, SSL.Connection] = {}  # outbound: last connection per peer, for its session
         self._seen: Sequence[TrafficPolicy] | None = None
         self._mesh: dict[tuple[str, int], Backend] = {}
         self._poller: asyncio.Task | None = None
@@ -139,8 +147,20 @@ class MeshTls:
         assert self.watcher is not None
         while True:
             await asyncio.sleep(self._poll_interval)
+            if self.reissuer is not None and self.reissuer.due(self.watcher.current.identity.cert, self._now()):
+                await self._reissue(self.reissuer)
             if self.watcher.poll():
                 self._expiry(self.watcher.current)
+
+    async def _reissue(self, reissuer: Reissuer) -> None:
+        try:  # key generation and the dir's lock: off the event loop
+            await asyncio.to_thread(reissuer.reissue_if_due, self._now())
+        except (IdentityError, ValueError, OSError) as e:  # keep serving the current certificate; retried next poll
+            if str(e) != self._reissue_error:
+                log.warning("cannot reissue the workload certificate (retrying): %s", e)
+            self._reissue_error = str(e)
+        else:
+            self._reissue_error = ""
 
     def _expiry(self, contexts: TlsContexts) -> None:
         self.metrics.cert_expiry.set(contexts.identity.not_after.timestamp())
@@ -183,7 +203,15 @@ class MeshTls:
 
     def tls_established_client(self, data: tls.TlsData) -> None:
         probe = self._probes.pop(data.conn.id, None)
-        if probe is None or probe.verdict is None or probe.verdict.identity is None:
+        if probe is None:
+            return
+        if probe.verdict is None and data.ssl_conn is not None:  # resumed: no certificate was exchanged
+            probe.verdict = _resumed_verdict(probe, data.ssl_conn)
+            if not probe.verdict.ok:  # e.g. the remembered certificate expired since: no identity, STRICT answers 403
+                self._failed("inbound", probe, data.conn)
+                return
+            self.metrics.resumed.labels("inbound").inc()
+        if probe.verdict is None or probe.verdict.identity is None:
             return
         identity = probe.verdict.identity
         self._identities[data.conn.id] = identity
@@ -240,21 +268,40 @@ class MeshTls:
         conn.set_verify(SSL.VERIFY_PEER, probe.callback)
         if server.alpn_offers:
             conn.set_alpn_protos(list(server.alpn_offers))
+        peer = _resume_key(server.address, probe.expect, contexts)
+        previous = self._resume.get(peer)
+        if previous is not None:  # resume the session a verified connection to this peer got
+            with contextlib.suppress(SSL.Error):
+                conn.set_session(previous.get_session())
         conn.set_connect_state()
         self._probes[server.id] = probe
+        self._peers[server.id] = peer
         data.ssl_conn = conn
 
     def tls_established_server(self, data: tls.TlsData) -> None:
-        if self._probes.pop(data.conn.id, None) is not None:
+        probe = self._probes.pop(data.conn.id, None)
+        if probe is not None:
             self.metrics.handshake("outbound", "ok")
+            if probe.verdict is None:  # resumed: the peer was verified when the session began
+                self.metrics.resumed.labels("outbound").inc()
+            peer = self._peers.pop(data.conn.id, None)
+            if peer is not None and data.ssl_conn is not None:
+                if len(self._resume) >= MAX_RESUMABLE_PEERS:
+                    self._resume.clear()
+                # Its session (a TLS 1.3 ticket arrives just after the handshake) is read when the next one starts.
+                self._resume[peer] = data.ssl_conn
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
+        peer = self._peers.pop(data.conn.id, None)
+        if peer is not None:
+            self._resume.pop(peer, None)  # a refused peer (or a stale session) starts over with a full handshake
         probe = self._probes.pop(data.conn.id, None)
         if probe is not None:
             self._failed("outbound", probe, data.conn)
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._probes.pop(data.server.id, None)
+        self._peers.pop(data.server.id, None)
 
     def _mesh_backend(self, host: str, port: int) -> Backend | None:
         policies = self._policies()
@@ -270,16 +317,31 @@ class MeshTls:
                  verdict.detail if verdict else conn.error or "")
 
 
+def _resume_key(address: tuple, expect: tuple[str, ...], contexts: TlsContexts) -> tuple:
+    """Sessions are resumed only with the same peer, the same required identity and our same certificate."""
+    return (tuple(address[:2]), expect, contexts.identity.serial)
+
+
+def _resumed_verdict(probe: _Probe, conn: SSL.Connection) -> Verdict:
+    """The verdict on a resumed session's peer: its remembered certificate, judged again now."""
+    cert = conn.get_peer_certificate()
+    if cert is None:
+        return Verdict("no_cert", detail="resumed session without a peer certificate")
+    return verify_peer([cert.to_cryptography()], probe.bundle, probe.now(), probe.expect)
+
+
 def _forbidden(reason: str) -> http.Response:
     return http.Response.make(403, f"meshlet: {reason}\n", {"content-type": "text/plain"})
 
 
 def mesh_tls_addons(identity_dir: Path | None, policies: Callable[[], Sequence[TrafficPolicy]],
-                    registry: CollectorRegistry) -> list[MeshTls]:
-    """The addon as the sidecar adds it; raises IdentityError when `identity_dir` is unusable.
+                    registry: CollectorRegistry, ca_dir: Path | None = None) -> list[MeshTls]:
+    """The addon as the sidecar adds it; raises IdentityError when `identity_dir` (or `ca_dir`,
+    local mode's CA for self-reissue) is unusable.
 
     Present even without an identity: STRICT must still refuse plaintext, and the identity
     header must still be stripped.
     """
     watcher = watch_identity(identity_dir) if identity_dir is not None else None
-    return [MeshTls(watcher, policies, MtlsMetrics(registry))]
+    reissuer = Reissuer(identity_dir, ca_dir) if identity_dir is not None and ca_dir is not None else None
+    return [MeshTls(watcher, policies, MtlsMetrics(registry), reissuer=reissuer)]

@@ -1,4 +1,4 @@
-"""mTLS metrics, defined once: handshake outcomes and the workload certificate's expiry."""
+"""mTLS metrics, defined once: handshake outcomes, session resumptions and the workload certificate's expiry."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ class MtlsMetrics:
             "mTLS handshakes by direction and result: ok, no_cert, bad_ca, expired, denied (valid mesh "
             "certificate, identity not allowed), plaintext (no TLS: refused when STRICT, served otherwise).",
             ["direction", "result"],
+            registry=registry,
+        )
+        self.resumed = Counter(
+            "meshlet_mtls_resumed_total",
+            "mTLS handshakes (counted ok above) that resumed an earlier session instead of exchanging certificates.",
+            ["direction"],
             registry=registry,
         )
         self.cert_expiry = Gauge(

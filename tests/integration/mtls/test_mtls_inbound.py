@@ -171,3 +171,37 @@ def test_certs_endpoint_and_expiry_gauge_describe_the_workload_certificate(sidec
     expiry = [s.value for f in text_string_to_metric_families(text) for s in f.samples
               if s.name == "meshlet_cert_expiry_timestamp_seconds"]
     assert expiry == [identity.not_after.timestamp()]
+
+
+def raw_get(address: tuple[str, int], ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+            ) -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """One request on a new TLS connection, offering `session`: (response, its session, whether resumed)."""
+    with socket.create_connection(address, timeout=10) as raw, ctx.wrap_socket(raw, session=session) as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        data = b""
+        for _ in range(100):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data, tls.session, tls.session_reused
+
+
+def resumed(sidecar) -> float:
+    _, text = admin(sidecar, "GET", "/metrics")
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "meshlet_mtls_resumed"
+               for s in f.samples if s.name.endswith("_total") and s.labels == {"direction": "inbound"})
+
+
+def test_a_resumed_session_still_identifies_and_authorizes_the_peer(sidecar, mesh):
+    before = resumed(sidecar)
+    frontend, reviews = client(mesh, "frontend"), client(mesh, "reviews")
+    first, session, reused = raw_get(sidecar.inbound, frontend)
+    assert not reused and first.endswith(f"app {FRONTEND}\n".encode())
+    second, _, reused = raw_get(sidecar.inbound, frontend, session)
+    assert reused, "the sidecar did not resume the session it issued"
+    assert second.startswith(b"HTTP/1.1 200") and second.endswith(f"app {FRONTEND}\n".encode())
+    assert resumed(sidecar) == before + 1
+    _, session, _ = raw_get(sidecar.inbound, reviews)  # not in allow: 403, resumed or not
+    denied, _, reused = raw_get(sidecar.inbound, reviews, session)
+    assert reused and denied.startswith(b"HTTP/1.1 403")

@@ -83,6 +83,21 @@ def test_outbound_mesh_backend_goes_over_mtls_with_the_callers_identity(pair):
     assert outbound_results(a).get("ok", 0) >= 1
 
 
+def resumed(sidecar, direction: str) -> float:
+    _, text = admin(sidecar, "GET", "/metrics")
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "meshlet_mtls_resumed"
+               for s in f.samples if s.name.endswith("_total") and s.labels == {"direction": direction})
+
+
+def test_reconnecting_to_a_peer_resumes_the_session_and_keeps_the_identity(pair):
+    a, b, _ = pair
+    before = resumed(a, "outbound"), resumed(b, "inbound")
+    for _ in range(3):  # a new client connection each: a new upstream connection, resumed after the first
+        assert http_get(a.outbound, host="reviews") == (200, f"app {FRONTEND}\n")
+    assert resumed(a, "outbound") >= before[0] + 2
+    assert resumed(b, "inbound") >= before[1] + 2
+
+
 def test_outbound_refuses_a_peer_with_another_identity(pair, a_policy):
     a, _, target = pair
     before = outbound_results(a).get("denied", 0)
