@@ -59,14 +59,19 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def peak_rss_bytes(pids: Sequence[int]) -> int:
-    total = 0
+def peak_rss_each(pids: Sequence[int]) -> list[int]:
+    """Each process's peak resident set (VmHWM), in bytes."""
+    peaks = []
     for pid in pids:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) * 1024
-    return total
+                    peaks.append(int(line.split()[1]) * 1024)
+    return peaks
+
+
+def peak_rss_bytes(pids: Sequence[int]) -> int:
+    return sum(peak_rss_each(pids))
 
 
 @dataclass
@@ -89,15 +94,31 @@ class Service:
                 self.proc.wait(timeout=5)
 
 
+def wait_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait for a process that says it is ready in its log (the agent: compiling takes seconds)."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None:
+            lines = log.read_text(errors="replace").strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"{Path(proc.args[0]).name} exited with {proc.returncode}: {lines[-1]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{Path(proc.args[0]).name} not ready after {timeout:.0f}s (no {text!r} in {log})")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
-def service(name: str, argv: Sequence[str], ports: Sequence[int], log: Path) -> Iterator[Service]:
-    """Start argv, wait until every port listens, stop it on exit whatever happens."""
+def service(
+    name: str, argv: Sequence[str], ports: Sequence[int], log: Path, ready: str | None = None
+) -> Iterator[Service]:
+    """Start argv, wait until every port listens (and `ready` is logged), stop it on exit whatever happens."""
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     svc = Service(name, proc)
     try:
         for port in ports:
             wait_port(port, proc=proc)
+        if ready:
+            wait_log(log, ready, proc)
         yield svc
     finally:
         svc.stop()

@@ -22,7 +22,8 @@ class Row:
     p99: float
     errors: int
     cpu_per_1k: float | None  # CPU seconds of the proxy process tree per 1 000 requests
-    peak_rss_mb: float | None
+    peak_rss_mb: float | None  # the sum over the process tree
+    largest_rss_mb: float | None = None  # its largest process (a worker, for a multi-worker sidecar)
 
 
 def median_rows(samples: Sequence[Row]) -> Row:
@@ -34,7 +35,8 @@ def median_rows(samples: Sequence[Row]) -> Row:
         return statistics.median(values) if values else None
 
     return Row(first.target, first.scenario, med("rps"), med("p50"), med("p90"), med("p99"),
-               sum(s.errors for s in samples), med("cpu_per_1k"), max((s.peak_rss_mb or 0) for s in samples) or None)
+               sum(s.errors for s in samples), med("cpu_per_1k"), max((s.peak_rss_mb or 0) for s in samples) or None,
+               max((s.largest_rss_mb or 0) for s in samples) or None)
 
 
 def _ms(seconds: float | None) -> str:
@@ -57,6 +59,31 @@ def table(rows: Sequence[Row], unavailable: dict[str, str]) -> str:
                      f"{added:>8} {ratio:>9} {cpu:>8} {rss:>7} {r.errors:>6}")
     for target, reason in unavailable.items():
         lines.append(f"{target:<22} unavailable: {reason}")
+    return "\n".join(lines)
+
+
+def goals(rows: Sequence[Row], default: str | None, proxies: Sequence[str]) -> str:
+    """Issue 8's targets from this run: `default` is the sidecar with default workers, `proxies`
+    the targets whose processes are proxy workers (RSS per worker)."""
+    by_key = {(r.target, r.scenario): r for r in rows}
+
+    def get(target: str | None, scenario: str) -> Row | None:
+        return by_key.get((target, scenario)) if target else None
+
+    lines = ["", "issue 8 targets (this run):"]
+    mesh, hap = get(default, "wrk-c16"), get("haproxy", "wrk-c16")
+    if mesh and hap:
+        lines.append(f"  {default} throughput at 16 connections: {mesh.rps / hap.rps:.1%} of HAProxy (goal >= 15%)")
+    mesh, direct = get(default, "rate-500"), get("direct", "rate-500")
+    if mesh and direct:
+        lines.append(f"  {default} added p50 at 500 req/s: {_ms(mesh.p50 - direct.p50)} ms (goal <= 1 ms)")
+    mtls, plain = get("meshlet-mtls", "wrk-c1"), get("meshlet-2hop", "wrk-c1")
+    if mtls and plain:  # one request at a time: the hop's own latency, whatever the machine's load
+        lines.append(f"  mTLS hop p50 at 1 connection: {mtls.p50 / plain.p50:.2f}x the plaintext hop (goal <= 1.15x)")
+    for name in proxies:
+        rss = max((r.largest_rss_mb or 0 for r in rows if r.target == name), default=0)
+        if rss:
+            lines.append(f"  {name} peak RSS of its largest process: {rss:.0f} MiB (goal <= 80 MiB per worker)")
     return "\n".join(lines)
 
 

@@ -61,13 +61,18 @@ backend be
     return conf
 
 
-def meshlet_policy(workdir: Path, backends: dict[str, tuple[int, int]], tls: str = "none") -> Path:
-    """The canary policy every proxy under test applies: host `reviews`, the same weights as HAProxy."""
-    lines = [f'    {name}: {{address: "127.0.0.1:{port}", tls: {tls}}}' for name, (port, _) in backends.items()]
+def meshlet_policy(
+    workdir: Path, backends: dict[str, tuple[int, int]], tls: str = "none", identity: str = "", spec: str = ""
+) -> Path:
+    """The canary policy every proxy under test applies: host `reviews`, the same weights as HAProxy.
+
+    `tls: mesh` backends expect `identity`; `spec` adds lines under `spec:` (`dataplane: kernel`, a `vip`)."""
+    more = f', identity: "{identity}"' if identity else ""
+    lines = [f'    {name}: {{address: "127.0.0.1:{port}", tls: {tls}{more}}}' for name, (port, _) in backends.items()]
     targets = ", ".join(f"{{backend: {name}, weight: {weight}}}" for name, (_, weight) in backends.items())
     policy = workdir / "policy.yaml"
     header = "apiVersion: meshlet.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: reviews}\n"
-    header += "spec:\n  host: reviews\n"
+    header += "spec:\n  host: reviews\n" + "".join(f"  {line}\n" for line in spec.splitlines())
     routes = f"  routes:\n    - name: canary\n      to: [{targets}]\n"
     policy.write_text(header + "  backends:\n" + "\n".join(lines) + "\n" + routes)
     return policy

@@ -51,14 +51,24 @@ class Exchange:
 
 
 def request_view(flow: http.HTTPFlow) -> RequestView:
+    """What `decide()` sees, read from the raw header fields in one pass (mitmproxy's Headers API
+    decodes through a multidict per call: ~5 µs of a ~7 µs view). Names and values decode as
+    mitmproxy decodes them; repeated Cookie fields are joined (HTTP/2 splits cookies)."""
     request = flow.request
-    headers = {}
-    for name, value in request.headers.items(multi=True):
-        headers.setdefault(name.lower(), value)
+    headers: dict[str, str] = {}
+    cookies: list[str] = []
+    for raw_name, raw_value in request.data.headers.fields:
+        name = raw_name.decode("utf-8", "surrogateescape").lower()
+        value = raw_value.decode("utf-8", "surrogateescape")
+        if name == "cookie":
+            cookies.append(value)
+        if name not in headers:
+            headers[name] = value
+    authority = (request.authority if request.is_http2 or request.is_http3 else "") or headers.get("host")
     peer = flow.client_conn.peername
     return RequestView(
-        request.method, request.host_header or request.pretty_host, request.path, headers,
-        parse_cookies(headers.get("cookie", "")), peer[0] if peer else "", random.getrandbits(64),
+        request.method, authority or request.pretty_host, request.path, headers,
+        parse_cookies("; ".join(cookies)) if cookies else {}, peer[0] if peer else "", random.getrandbits(64),
     )
 
 
@@ -117,18 +127,17 @@ class Routing:
         await self._route(flow, decide(self.state.table, request_view(flow)))
 
     async def _route(self, flow: http.HTTPFlow, decision: Decision | Unmatched | None) -> None:
-        host = flow.request.host_header or flow.request.pretty_host
         if decision is None:
             flow.metadata[KEY] = Exchange("outbound", "passthrough", "passthrough", "unknown", time.perf_counter())
             if self.strict_hosts:
-                flow.response = responses.no_policy(host)
+                flow.response = responses.no_policy(flow.request.host_header or flow.request.pretty_host)
             else:
                 flow.request.stream = True
             return
         service = decision.policy.host
         if isinstance(decision, Unmatched):
             flow.metadata[KEY] = Exchange("outbound", "unmatched", "none", service, time.perf_counter())
-            flow.response = responses.no_route(host)
+            flow.response = responses.no_route(flow.request.host_header or flow.request.pretty_host)
             return
         exchange = Exchange("outbound", decision.route.name, decision.backend.name, service, time.perf_counter())
         exchange.decision = decision
@@ -142,7 +151,7 @@ class Routing:
         """Pick a backend that accepts connections (probing only one nobody is connected to)."""
         tries = attempts_for(decision.route, flow.request.method, "connect-failure")
         why = ""
-        for backend in candidates(decision)[:tries]:
+        for backend in candidates(decision)[:tries] if tries > 1 else (decision.backend,):
             address = (backend.address.host, backend.address.port)
             if self.open_upstreams[address] <= 0 and (why := await probe(backend, PROBE_TIMEOUT) or ""):
                 continue

@@ -44,6 +44,7 @@ class RefuseH2c:
             nextlayer.layer = _Refuse(nextlayer.context)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.request.headers.get("upgrade", "").lower() == "h2c":
+        # Raw fields: this runs on every request, and Headers.get decodes through a multidict.
+        if any(n.lower() == b"upgrade" and v.strip().lower() == b"h2c" for n, v in flow.request.data.headers.fields):
             for name in ("upgrade", "connection", "http2-settings"):
                 flow.request.headers.pop(name, None)
