@@ -16,6 +16,8 @@ EPILOG = """examples:
   meshlet agent --accelerate --cgroup /sys/fs/cgroup/unified/pod1     sockmap app<->sidecar sockets
   meshlet agent --policy reviews.yaml --cgroup pod1 --kernel-vip reviews=127.0.0.1:9080
                                                    split `dataplane: kernel` connects in the kernel
+  the policy files are re-read when they change (and on SIGHUP): new kernel split weights apply to
+  new connections; a file that does not load is logged and the running splits are kept.
 """
 
 
@@ -31,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--interface", metavar="IF", help="shape this interface (default: the QoSPolicy's)")
     parser.add_argument("--metrics", default=":15090", metavar="[HOST]:PORT", help="Prometheus listener")
     parser.add_argument("--ports", default="", metavar="P,P,...", help="extra ports to observe besides the policies'")
-    parser.add_argument("--interval", default="1s", metavar="DURATION", help="QoS loop period (default 1s)")
+    parser.add_argument("--interval", default="1s", metavar="DURATION",
+                        help="QoS loop period, and how often the policy files are checked for changes (default 1s)")
     parser.add_argument("--pin-dir", default=None, metavar="DIR", help="bpffs directory for pinned maps")
     parser.add_argument("--accelerate", action="store_true", help="sockmap-redirect app<->sidecar loopback sockets")
     parser.add_argument("--cgroup", metavar="DIR", help="workload cgroup v2 the acceleration hooks attach to")
@@ -109,7 +112,8 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         accel = accel_config(args.cgroup, args.accelerate, args.sidecar_ports, args.kernel_vip, traffic)
     except ValueError as e:
         raise CommandError(f"agent: {e}") from None
-    return AgentConfig(ports, qos[0] if qos else None, args.interface, interval, **pins, accel=accel)
+    return AgentConfig(ports, qos[0] if qos else None, args.interface, interval, **pins, accel=accel,
+                       policy_files=tuple(Path(p) for p in args.policy), kernel_vips=tuple(args.kernel_vip))
 
 
 def _port(text: str, flag: str) -> int:

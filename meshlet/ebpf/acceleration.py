@@ -4,7 +4,7 @@ connect4 split of `dataplane: kernel` policies (`--kernel-vip`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,32 +30,46 @@ class AccelConfig:
 
 
 class Acceleration:
+    """The accelerations of one cgroup. The split's hooks exist only while some split does:
+    `apply` attaches them with the first split and detaches them when the last one goes."""
+
     def __init__(self, config: AccelConfig, registry: Any = None, pin_root: Path = PIN_ROOT) -> None:
-        cgroup = Cgroup(config.cgroup)
-        self.sockmap = SockmapAccelerator(cgroup, config.sidecar_ports, pin_root) if config.sockmap else None
-        self.splitter = KernelSplitter(cgroup, pin_root) if config.splits else None
-        self.splits = config.splits
+        self.cgroup = Cgroup(config.cgroup)
+        self.pin_root = pin_root
+        self.sockmap = SockmapAccelerator(self.cgroup, config.sidecar_ports, pin_root) if config.sockmap else None
+        self.splitter: KernelSplitter | None = None
+        self.splits: tuple[KernelSplit, ...] = ()
+        self._initial = config.splits
         self._registry = registry
 
     def start(self) -> None:
         if self.sockmap is not None:
             self.sockmap.start()
-        if self.splitter is not None:
-            self.splitter.start()
-            self.splitter.apply(self.splits)
+        self.apply(self._initial)
         if self._registry is not None:
             AccelCollector(
                 sockmap=self._reading if self.sockmap else None,
-                kernel_connections=self.splitter.connections if self.splitter else None,
+                kernel_connections=self._connections,
                 registry=self._registry,
             )
 
     def apply(self, splits: tuple[KernelSplit, ...]) -> None:
-        """New weights for new connections: one atomic map update per VIP."""
-        if self.splitter is None:
-            raise RuntimeError("the kernel split is off: start the agent with --kernel-vip")
+        """Make the kernel split exactly `splits`: new weights for new connections, one atomic
+        map update per VIP; entries of VIPs no longer split are deleted, and with no split left
+        the connect4/getpeername4 hooks are detached and their maps unpinned."""
+        if splits and self.splitter is None:
+            self.splitter = KernelSplitter(self.cgroup, self.pin_root)  # set first: stop() undoes a half start
+            self.splitter.start()
+        if self.splitter is not None and splits:
+            self.splitter.apply(splits)
+        elif self.splitter is not None:
+            splitter, self.splitter = self.splitter, None
+            splitter.stop()
         self.splits = splits
-        self.splitter.apply(splits)
+
+    def _connections(self) -> Mapping[tuple[str, str], int]:
+        splitter = self.splitter
+        return splitter.connections() if splitter is not None else {}
 
     def stop(self) -> None:
         try:
@@ -79,11 +93,14 @@ def accel_config(
     policies: Iterable[TrafficPolicy],
 ) -> AccelConfig | None:
     """The agent flags (`--accelerate`, `--cgroup`, `--sidecar-ports`, `--kernel-vip`) checked
-    into a config, or None when both accelerations are off. Raises ValueError (one line)."""
+    into a config, or None without a cgroup. Raises ValueError (one line).
+
+    With `--cgroup` and no split yet, the config is kept: a policy reloaded later may ask for one.
+    """
     splits = plan_splits(policies, parse_vips(vip_specs))
-    if not sockmap and not splits:
-        return None
     if cgroup is None:
+        if not sockmap and not splits:
+            return None
         raise ValueError("--accelerate and --kernel-vip need --cgroup DIR: the workload's cgroup v2")
     path = Path(cgroup) if Path(cgroup).is_absolute() else UNIFIED / cgroup
     if not (path / "cgroup.controllers").is_file():

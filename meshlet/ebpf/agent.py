@@ -23,9 +23,11 @@ from meshlet.ebpf import hist, source
 from meshlet.ebpf.acceleration import AccelConfig, Acceleration
 from meshlet.ebpf.aimd import Controller, LoopState
 from meshlet.ebpf.htb import HtbTree, changes, port_classes, tree_for, with_ceil
+from meshlet.ebpf.kernel_split import KernelSplit, parse_vips, plan_splits
 from meshlet.ebpf.maps import fill_port_map
 from meshlet.ebpf.observe import MAX_PORTS, TcpObserver
 from meshlet.ebpf.pins import PIN_DIR, pin, unpin_all
+from meshlet.policy import PolicyInvalid, load_files
 from meshlet.policy.model import QoSPolicy, TrafficPolicy
 from meshlet.telemetry.node import QosMetrics, TcpCollector, TcpSnapshot, quantile
 
@@ -42,6 +44,8 @@ class AgentConfig:
     interval: float = 1.0
     pin_dir: Path = PIN_DIR
     accel: AccelConfig | None = None  # sockmap redirect / kernel split on a workload cgroup
+    policy_files: tuple[Path, ...] = ()  # re-read on change for their kernel splits (see `_reload`)
+    kernel_vips: tuple[str, ...] = ()  # the --kernel-vip POLICY=IP:PORT items
 
 
 class AgentError(Exception):
@@ -53,6 +57,9 @@ class NodeAgent:
         self.config = config
         self.registry = registry
         self.stop = threading.Event()
+        self.reload = threading.Event()  # SIGHUP: re-read the policy files now
+        self.accel: Acceleration | None = None
+        self._stamp = _stamp(config.policy_files)
         self.observer: TcpObserver | None = None
         self.qos_metrics = QosMetrics(registry) if config.qos else None
         self._ipr: Any = None
@@ -77,6 +84,7 @@ class NodeAgent:
                 accel = Acceleration(self.config.accel, self.registry, self.config.pin_dir.parent)
                 undo.callback(accel.stop)  # before start: a half-done start is undone too
                 accel.start()
+                self.accel = accel
             log.info("agent: watching ports %s", ",".join(map(str, sorted(self.config.ports))) or "(none)")
             ready()
             self._loop(tree)
@@ -132,7 +140,8 @@ class NodeAgent:
         assert self.observer is not None
         qos = self.config.qos
         if qos is None or tree is None or not any(c.slo for c in qos.classes):
-            self.stop.wait()  # observation only: nothing to steer
+            while not self.stop.wait(self.config.interval):  # observation only: nothing to steer
+                self._reload()
             return
         controller = Controller.for_policy(qos)
         state = controller.initial()
@@ -142,6 +151,34 @@ class NodeAgent:
             p99 = class_p99(qos, previous, current)
             previous = current
             state, tree = self._adjust(controller, state, tree, p99)
+            self._reload()
+
+    def _reload(self) -> None:
+        """Apply the kernel splits of the policy files when they changed (or on SIGHUP).
+
+        A file that does not load keeps everything as it runs, with one log line. Only the
+        splits follow the files: a QoSPolicy change still needs a restart (the HTB tree and
+        the loop are built from the one read at start).
+        """
+        stamp = _stamp(self.config.policy_files)
+        if stamp == self._stamp and not self.reload.is_set():
+            return
+        self.reload.clear()
+        self._stamp = stamp
+        if self.accel is None:
+            return
+        try:
+            splits = reload_splits(self.config.policy_files, self.config.kernel_vips)
+        except PolicyInvalid as e:
+            more = f" (and {len(e.errors) - 1} more)" if len(e.errors) > 1 else ""
+            log.warning("agent: policy not reloaded, keeping the running splits: %s%s", e.errors[0], more)
+            return
+        except ValueError as e:
+            log.warning("agent: policy not reloaded, keeping the running splits: %s", e)
+            return
+        if splits != self.accel.splits:
+            _kernel("apply the kernel splits", self.accel.apply, splits)
+            log.info("agent: kernel splits now %s", ", ".join(_describe(s) for s in splits) or "none (hooks detached)")
 
     def _adjust(
         self, controller: Controller, state: LoopState, tree: HtbTree, p99: dict[str, float | None]
@@ -202,6 +239,35 @@ def policy_ports(
     return frozenset(extra) | backends | {port for p in qos for c in p.classes for port in c.ports}
 
 
+def reload_splits(files: Iterable[Path], vip_specs: Iterable[str]) -> tuple[KernelSplit, ...]:
+    """The splits the files ask for now; a `--kernel-vip` naming a policy no longer there is
+    ignored (the policy was removed, not misspelled: that was checked at start).
+    Raises PolicyInvalid or ValueError (SplitError), one line each."""
+    policies = load_files([str(f) for f in files]).traffic
+    names = {p.metadata.name for p in policies}
+    vips = {name: vip for name, vip in parse_vips(vip_specs).items() if name in names}
+    return plan_splits(policies, vips)
+
+
+def _stamp(files: Iterable[Path]) -> tuple[tuple[int, int] | None, ...]:
+    """What tells a changed file: modification time and size (None: cannot stat)."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
+def _describe(split: KernelSplit) -> str:
+    weights = "/".join(f"{b.backend}={b.weight}" for b in split.backends)
+    return f"{split.policy}@{split.vip} {weights}"
+
+
 def stop_on_signals(agent: NodeAgent) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: agent.reload.set())

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,3 +159,46 @@ def greeters() -> Iterator[Callable[[str], Greeter]]:
     finally:
         for greeter in made:
             greeter.close()
+
+
+MESHLET = Path(sys.executable).parent / "meshlet"
+AGENT_START_TIMEOUT = 60.0
+
+
+class Agent:
+    """A `meshlet agent` process with its stderr in a file."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
+        with log.open("w") as stderr:
+            self.process = subprocess.Popen([str(MESHLET), "agent", *argv], stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for_log(self, needle: str, count: int = 1, timeout: float = AGENT_START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while self.text().count(needle) < count:
+            assert self.process.poll() is None, f"agent exited {self.process.returncode}: {self.text()}"
+            assert time.monotonic() < deadline, f"agent never logged {needle!r} x{count}: {self.text()}"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def run_agent(tmp_path: Path) -> Iterator[Callable[[list[str]], Agent]]:
+    """Start `meshlet agent ARGV...` and wait until it is ready; killed in teardown if still running."""
+    started: list[Agent] = []
+
+    def start(argv: list[str]) -> Agent:
+        agent = Agent(argv, tmp_path / f"agent-{len(started)}.log")
+        started.append(agent)
+        agent.wait_for_log("agent: ready")
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            if agent.process.poll() is None:
+                agent.process.kill()
+                agent.process.wait(timeout=30)
