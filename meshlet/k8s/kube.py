@@ -248,8 +248,11 @@ def _handle(cluster: Cluster, objs: list[dict], steps: list[Step], reconciler: R
             continue
         meta = obj["metadata"]
         target = (GROUP, VERSION, meta["namespace"], PLURALS["TrafficPolicy"], meta["name"])
+        patch = step.condition.status_patch()  # a merge patch replaces the list: keep others' conditions
+        patch["status"]["conditions"] += [c for c in (obj.get("status") or {}).get("conditions", [])
+                                          if c.get("type") != "Ready"]
         try:
-            cluster.api.patch_namespaced_custom_object_status(*target, step.condition.status_patch())
+            cluster.api.patch_namespaced_custom_object_status(*target, patch)
         except (ApiException, *_unreachable()) as e:
             log(f"watch-kube: cannot write status of {step.name}: {_describe(e)}")
 
@@ -259,5 +262,6 @@ def _has_condition(obj: dict, patch: dict) -> bool:
     def key(condition: dict) -> tuple:
         return tuple(condition.get(k) for k in ("type", "status", "reason", "message", "observedGeneration"))
 
-    have = [key(c) for c in (obj.get("status") or {}).get("conditions", [])]
+    types = {c["type"] for c in patch["status"]["conditions"]}  # others' (the rollout's) are not ours to judge
+    have = [key(c) for c in (obj.get("status") or {}).get("conditions", []) if c.get("type") in types]
     return [key(c) for c in patch["status"]["conditions"]] == have

@@ -4,6 +4,9 @@ A real kube-apiserver (with etcd) cannot run on this machine, so this stands in 
 ONLY faked part: the client is the official `kubernetes` package over real HTTP on loopback.
 It keeps objects with resourceVersion/generation, does server-side apply (create or replace
 spec, bumping versions only on change), merge-patches status, and streams watch events.
+It also keeps coordination.k8s.io/v1 Leases (GET, POST, PUT), refusing with 409 Conflict a PUT
+whose resourceVersion is not the stored one and a POST of a Lease that exists, as etcd's
+compare-and-swap makes kube-apiserver do: that is what leader election relies on.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 PREFIX = "/apis/meshlet.dev/v1alpha1/"
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/"
 
 
 class FakeApiServer:
     def __init__(self, token: str = "test-token"):
         self.token = token
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) → object
+        self.leases: dict[tuple[str, str], dict] = {}  # (namespace, name) → Lease
         self.events: list[tuple[int, str, str, str, dict]] = []  # (rv, type, plural, namespace, object)
         self.requests: list[tuple[str, str, str]] = []  # (method, path?query, content type)
         self.version = 100
@@ -131,7 +136,62 @@ class FakeApiServer:
                 status = len(parts) > 2 and parts[2] == "status"
                 return plural, namespace, name, status, parse_qs(url.query)
 
+            def _lease(self) -> None:
+                """GET, POST (create) or PUT (replace, compare-and-swap on resourceVersion) a Lease."""
+                fake.requests.append((self.command, self.path, self.headers.get("Content-Type", "")))
+                if self.headers.get("Authorization") != f"Bearer {fake.token}":
+                    self._send(401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+                    return
+                parts = urlsplit(self.path).path[len(LEASES):].split("/")  # NS/leases[/NAME]
+                namespace, name = parts[0], parts[2] if len(parts) > 2 else ""
+                body = None
+                if self.command != "GET":
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    name = name or body["metadata"]["name"]
+                with fake.changed:
+                    stored = fake.leases.get((namespace, name))
+                    if self.command == "GET" or (self.command == "PUT" and stored is None):
+                        if stored is None:
+                            self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound",
+                                             "message": f'leases.coordination.k8s.io "{name}" not found'})
+                        else:
+                            self._send(200, copy.deepcopy(stored))
+                        return
+                    assert body is not None
+                    if self.command == "POST" and stored is not None:
+                        self._send(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists",
+                                         "message": f'leases.coordination.k8s.io "{name}" already exists'})
+                        return
+                    if stored is not None and body["metadata"].get("resourceVersion") != \
+                            stored["metadata"]["resourceVersion"]:
+                        self._send(409, {"kind": "Status", "code": 409, "reason": "Conflict",
+                                         "message": f'Operation cannot be fulfilled on leases.coordination.k8s.io '
+                                                    f'"{name}": the object has been modified'})
+                        return
+                    fake.version += 1
+                    meta = {**body["metadata"], "name": name, "namespace": namespace,
+                            "resourceVersion": str(fake.version)}
+                    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
+                             "spec": body.get("spec") or {}}
+                    fake.leases[(namespace, name)] = lease
+                    self._send(201 if stored is None else 200, copy.deepcopy(lease))
+
+            def do_POST(self) -> None:
+                self._lease_only()
+
+            def do_PUT(self) -> None:
+                self._lease_only()
+
+            def _lease_only(self) -> None:
+                if self.path.startswith(LEASES):
+                    self._lease()
+                else:
+                    self._send(405, {"kind": "Status", "code": 405, "message": f"{self.command} not faked here"})
+
             def do_GET(self) -> None:
+                if self.path.startswith(LEASES):
+                    self._lease()
+                    return
                 route = self._route()
                 if route is None:
                     return
@@ -167,7 +227,7 @@ class FakeApiServer:
                             self._send(404, {"kind": "Status", "code": 404, "message": "not found"})
                             return
                         fake.version += 1
-                        obj["status"] = body["status"]
+                        obj["status"] = {**(obj.get("status") or {}), **body["status"]}  # a merge patch
                         obj["metadata"]["resourceVersion"] = str(fake.version)
                         fake._emit("MODIFIED", plural, namespace, obj)
                         self._send(200, copy.deepcopy(obj))
@@ -188,7 +248,17 @@ class FakeApiServer:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Connection", "close")
+                # Chunked, as kube-apiserver streams: a client reading a body without length waits
+                # for its buffer to fill or the connection to close, so each event arrives at once.
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
+                try:
+                    self._stream(since, timeout, plural, namespace)
+                finally:
+                    self._chunk(b"")
+                self.close_connection = True
+
+            def _stream(self, since: int, timeout: float, plural: str, namespace: str) -> None:
                 with fake.changed:
                     gone, fake.gone, epoch = fake.gone, False, fake.epoch
                 if gone:
@@ -207,11 +277,13 @@ class FakeApiServer:
                         if remaining <= 0:
                             break
                         fake.changed.wait(remaining)
-                self.close_connection = True
 
             def _line(self, event: dict) -> None:
+                self._chunk(json.dumps(event).encode() + b"\n")
+
+            def _chunk(self, data: bytes) -> None:
                 try:
-                    self.wfile.write(json.dumps(event).encode() + b"\n")
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                     self.wfile.flush()
                 except OSError:
                     pass

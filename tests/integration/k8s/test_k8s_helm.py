@@ -48,8 +48,8 @@ def test_helm_lint_strict():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("values", [(), ("webhook.failOpen=false", "agent.qosPolicy=x", "rbac.sidecarNamespaces={a,b}")],
-                         ids=["defaults", "variant"])
+@pytest.mark.parametrize("values", [(), ("webhook.failOpen=false", "agent.qosPolicy=x", "rbac.sidecarNamespaces={a,b}",
+                                         "agent.accelerate=true")], ids=["defaults", "variant"])
 def test_every_rendered_object_passes_strict_kubernetes_schema(values):
     docs = render(*values, crds=True)
     assert {d["kind"] for d in docs} >= {
@@ -170,6 +170,7 @@ def test_rbac_is_least_privilege():
     assert role["rules"] == [
         {"apiGroups": ["meshlet.dev"], "resources": ["trafficpolicies"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["meshlet.dev"], "resources": ["trafficpolicies/status"], "verbs": ["patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
     ]
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]
     assert sorted((b["metadata"]["namespace"], b["subjects"][0]["name"]) for b in bindings) == [
@@ -199,11 +200,26 @@ def test_agent_args_are_accepted_by_meshlet_agent():
     args = build_parser().parse_args(container["args"])
     assert args.handler.__module__ == "meshlet.commands.agent"
     assert (args.interface, args.metrics, args.policy) == ("eth0", ":15090", ["/etc/meshlet/qos/qos.yaml"])
+    assert not args.accelerate and args.cgroup is None, "acceleration is off unless asked for"
 
 
-# `meshlet run --watch-kube` is the sidecar's side of issue 7 (meshlet.k8s.kube.watch_policies is
-# ready for it); until `meshlet run` has the flag, it is the one injected flag it may not know.
-PENDING_RUN_FLAGS = {"--watch-kube"}
+@pytest.mark.parametrize(("values", "ports"), [
+    ((), "15001,15006"),
+    (("proxy.ports.outbound=16001",), "16001,15006"),
+    (("agent.sidecarPorts={15001,15006,15010}",), "15001,15006,15010"),
+])
+def test_agent_accelerate_renders_flags_meshlet_agent_accepts(values, ports):
+    """`agent.accelerate` is the values-level toggle; the sockmap redirect has no policy-level one
+    (it changes no routing decision, only how the same bytes cross loopback)."""
+    spec = find(render("agent.accelerate=true", *values), "DaemonSet")["spec"]["template"]["spec"]
+    args = build_parser().parse_args(spec["containers"][0]["args"])
+    assert args.accelerate and args.sidecar_ports == ports
+    assert args.cgroup == "/run/meshlet/cgroupv2/kubepods.slice"
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in spec["volumes"]}
+    assert mounts["cgroup"] == "/run/meshlet/cgroupv2" and volumes["cgroup"] == "/sys/fs/cgroup"
+    off = find(render(), "DaemonSet")["spec"]["template"]["spec"]
+    assert "cgroup" not in {v["name"] for v in off["volumes"]}
 
 
 def test_injected_sidecar_flags_are_known_to_meshlet_run():
@@ -218,9 +234,9 @@ def test_injected_sidecar_flags_are_known_to_meshlet_run():
     run_parser = subparsers.choices["run"]
     known = {option for action in run_parser._actions for option in action.option_strings}
     used = {arg for arg in container["args"][1:] if arg.startswith("--")}
-    assert used - known <= PENDING_RUN_FLAGS
-    values = [a for a in container["args"][1:] if a not in PENDING_RUN_FLAGS]
-    parsed = run_parser.parse_args([*values, "--policy", "/dev/null"])  # every value parses as run would
+    assert used <= known
+    parsed = run_parser.parse_args(container["args"][1:])  # every value parses as run would
+    assert parsed.watch_kube and parsed.policy is None, "the injected sidecar follows its namespace's policies"
     assert str(parsed.identity) == "/etc/meshlet/identity"
 
 
@@ -238,6 +254,8 @@ def test_the_done_when_pipeline():
     ("proxy.resources.requests.cpu=lots", "/proxy/resources/requests/cpu"),
     ("proxy.imagee=typo", "additional properties 'imagee' not allowed"),
     ("agent.interface=a/b", "/agent/interface"),
+    ("agent.cgroup=/sys/fs/cgroup", "/agent/cgroup"),
+    ("agent.sidecarPorts={0}", "/agent/sidecarPorts/0"),
 ])
 def test_values_schema_refuses_bad_values_with_their_path(value, error):
     result = subprocess.run([HELM, "template", "mesh", str(CHART), "--set", value], capture_output=True, text=True,
