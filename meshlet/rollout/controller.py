@@ -22,7 +22,16 @@ from pathlib import Path
 
 from meshlet.policy.model import Rollout, Route, TrafficPolicy
 from meshlet.rollout.analysis import AnalysisResult, Observation, Snapshot, judge, observe
-from meshlet.rollout.machine import Command, RolloutError, RolloutState, Tick, Transition, advance, start
+from meshlet.rollout.machine import (
+    Command,
+    RolloutError,
+    RolloutNotFound,
+    RolloutState,
+    Tick,
+    Transition,
+    advance,
+    start,
+)
 
 log = logging.getLogger("meshlet.rollout")
 
@@ -43,11 +52,11 @@ def find_rollout(policies: Iterable[TrafficPolicy], policy_name: str, route_name
     """The route of `policy_name` that declares a rollout (or the named one). Raises RolloutError."""
     policy = next((p for p in policies if p.metadata.name == policy_name), None)
     if policy is None:
-        raise RolloutError(f"no policy named {policy_name!r} is loaded")
+        raise RolloutNotFound(f"no policy named {policy_name!r} is loaded")
     candidates = [r for r in policy.routes if r.rollout and (route_name is None or r.name == route_name)]
     if not candidates:
         which = f"route {route_name!r} of " if route_name else ""
-        raise RolloutError(f"{which}policy {policy_name!r} declares no rollout section")
+        raise RolloutNotFound(f"{which}policy {policy_name!r} declares no rollout section")
     if len(candidates) > 1:
         names = ", ".join(r.name for r in candidates)
         raise RolloutError(f"policy {policy_name!r} has several rollouts ({names}); name one with --route")
@@ -79,7 +88,8 @@ class RolloutController:
     def command(self, policy_name: str, action: str, reason: str = "") -> RolloutState:
         entry = self._entries.get(policy_name)
         if entry is None:
-            raise RolloutError(f"no rollout of {policy_name!r}; start one with `meshlet rollout start {policy_name}`")
+            hint = f"start one with `meshlet rollout start {policy_name}`"
+            raise RolloutNotFound(f"no rollout of {policy_name!r}; {hint}")
         if action not in ACTIONS:
             raise RolloutError(f"unknown rollout action {action!r}; one of {', '.join(ACTIONS)}")
         entry.state = advance(entry.spec, entry.state, Command(self.clock(), action, reason))
@@ -89,9 +99,13 @@ class RolloutController:
         return entry.state
 
     def status(self, policy_name: str | None = None) -> list[RolloutState]:
+        return [state for _, _, state, _ in self.describe(policy_name)]
+
+    def describe(self, policy_name: str | None = None) -> list[tuple[str, Rollout, RolloutState, float]]:
+        """(policy, spec, state, end of the current interval) of every rollout, or of one."""
         if policy_name is not None and policy_name not in self._entries:
-            raise RolloutError(f"no rollout of {policy_name!r}")
-        return [e.state for name, e in self._entries.items() if policy_name in (None, name)]
+            raise RolloutNotFound(f"no rollout of {policy_name!r}")
+        return [(name, e.spec, e.state, e.due) for name, e in self._entries.items() if policy_name in (None, name)]
 
     # -- the clock -------------------------------------------------------------------------------
 
@@ -110,10 +124,13 @@ class RolloutController:
             before = entry.state
             entry.state = advance(entry.spec, before, Tick(now, result))
             entry.baseline, entry.due = snapshot, now + entry.spec.interval
-            log.info("rollout %s/%s: %s %s", entry.policy, entry.state.route, result.verdict, "; ".join(result.reasons))
+            why = f": {'; '.join(result.reasons)}" if result.reasons else ""
+            log.info("rollout %s/%s: analysis %s%s", entry.policy, entry.state.route, result.verdict, why)
             if entry.state.history != before.history:
                 changed.append(entry.state)
-            self._changed(entry)
+                self._changed(entry)  # logs the transition
+            else:
+                self._save()  # failures and the last analysis, for status after a restart
         return changed
 
     def overrides(self) -> dict[tuple[str, str], tuple[Rollout, int]]:
@@ -149,13 +166,22 @@ class RolloutController:
         return notes
 
     def resume_saved(self, policies: Iterable[TrafficPolicy]) -> list[RolloutState]:
-        """At start-up: bring back the rollouts recorded in the state file whose routes still exist."""
+        """At start-up: bring back the recorded rollouts whose routes still declare the same rollout.
+
+        One whose canary, stable or steps changed while we were down is not resumed (as a policy
+        apply would cancel it): its recorded step would mean another weight now.
+        """
         resumed = []
         policies = tuple(policies)
         for name, saved in self._saved.items():
             try:
                 _, spec = find_rollout(policies, name, saved["route"])
             except RolloutError:
+                log.info("rollout of %s/%s not resumed: the policy no longer declares it", name, saved["route"])
+                continue
+            recorded = (saved.get("canary"), saved.get("stable"), saved.get("steps"))
+            if recorded != (spec.canary, spec.stable, list(spec.steps)):
+                log.info("rollout of %s/%s not resumed: its canary, stable or steps changed", name, saved["route"])
                 continue
             state = _state_from_json(saved)
             self._entries[name] = _Entry(name, spec, state, due=self.clock() + spec.interval)
@@ -174,7 +200,8 @@ class RolloutController:
     def _save(self) -> None:
         if self.store is None:
             return
-        doc = {name: _state_to_json(e.state) for name, e in self._entries.items()}
+        doc = {name: {**_state_to_json(e.state), "canary": e.spec.canary, "stable": e.spec.stable,
+                      "steps": list(e.spec.steps)} for name, e in self._entries.items()}
         tmp = self.store.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self.store)  # atomic: a crash leaves the old file or the new one

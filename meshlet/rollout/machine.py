@@ -22,6 +22,10 @@ class RolloutError(Exception):
     """An event that does not apply in the current phase (e.g. resume while progressing)."""
 
 
+class RolloutNotFound(RolloutError):
+    """No such policy, rollout section or rollout (the admin API answers 404, not 409)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Transition:
     at: float  # the caller's clock, seconds
