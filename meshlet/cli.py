@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.apply",
     "meshlet.commands.run",
     "meshlet.commands.demo",
+    "meshlet.commands.rollout",
     "meshlet.commands.ca",
     "meshlet.commands.cert",
     "meshlet.commands.agent",

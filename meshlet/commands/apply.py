@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     answer = _call("PUT", f"{base}/policy", body)
     print(f"applied: generation {answer.get('generation')}")
+    for note in answer.get("rollouts", []):  # rollouts the apply kept or cancelled
+        print(f"  {note}")
     return 0
 
 

@@ -58,6 +58,7 @@ async def _demo() -> int:
     from meshlet.proxy.demo_backend import start_backend
     from meshlet.proxy.master import serve
     from meshlet.proxy.state import compile_policy
+    from meshlet.rollout.service import RolloutOptions
 
     servers = []
     try:
@@ -68,7 +69,7 @@ async def _demo() -> int:
                 raise CommandError(f"demo backend {name} cannot listen on 127.0.0.1:{port}: {e.strerror}") from None
         applied = compile_policy(DEMO_POLICY, 1, "demo-policy")
         config = SidecarConfig(workload="demo")
-        return await serve(config, applied, lambda addrs: print(_instructions(addrs), flush=True))
+        return await serve(config, applied, lambda addrs: print(_instructions(addrs), flush=True), RolloutOptions())
     finally:
         for server in servers:
             server.close()

@@ -1,4 +1,4 @@
-"""`meshlet run --policy FILE`: the sidecar (outbound, inbound and admin listeners)."""
+"""`meshlet run --policy FILE | --watch-kube`: the sidecar (outbound, inbound and admin listeners)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshlet.commands import CommandError
-from meshlet.policy import PolicyInvalid
+from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.model import Address
 from meshlet.telemetry.proxy import METRICS_COMPAT
+
+if TYPE_CHECKING:
+    from meshlet.k8s.kube import Cluster
 
 
 def _listen(text: str) -> Address:
@@ -37,7 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the meshlet sidecar: route outbound requests by policy, forward inbound ones to the app.",
         epilog="example: meshlet run --policy policies/canary.yaml --app 127.0.0.1:8080",
     )
-    parser.add_argument("--policy", required=True, metavar="FILE", help="policy YAML to start with")
+    parser.add_argument("--policy", metavar="FILE", help="policy YAML to start with (or --watch-kube)")
+    parser.add_argument("--watch-kube", action="store_true",
+                        help="start with an empty pass-through table, then follow the TrafficPolicies of the "
+                             "namespace (list+watch; kubeconfig, else in-cluster service account)")
+    parser.add_argument("-n", "--namespace", help="with --watch-kube: the namespace to watch "
+                        "(default: the kubeconfig context's, or the Pod's)")
+    parser.add_argument("--context", help="with --watch-kube: the kubeconfig context to use")
     parser.add_argument("--outbound", type=_listen, default="127.0.0.1:15001", metavar="HOST:PORT")
     parser.add_argument("--inbound", type=_listen, default=":15006", metavar="HOST:PORT")
     parser.add_argument("--admin", type=_listen, default="127.0.0.1:15000", metavar="HOST:PORT")
@@ -54,43 +64,118 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="proxy processes sharing the listeners (default: CPU count)")
     parser.add_argument("--identity", type=Path, metavar="DIR",
                         help="mesh identity dir (cert.pem, key.pem, ca.pem from `meshlet cert issue`): enables mTLS")
+    parser.add_argument("--ca", type=Path, metavar="DIR",
+                        help="local mode: the mesh CA dir (`meshlet ca init`); the sidecar reissues its --identity "
+                             "certificate from it once half its lifetime has passed")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="keep rollout state in DIR/rollouts.json so a restart resumes at the recorded step "
+                             "(default: in memory only)")
+    parser.add_argument("--prometheus", metavar="URL",
+                        help="read rollout analyses from this Prometheus (sum over every replica) instead of "
+                             "this sidecar's own metrics")
+    parser.add_argument("--lease-duration", type=_lease_seconds, metavar="SECONDS",
+                        help="with --watch-kube: rollouts are driven by the holder of the Lease meshlet-rollouts "
+                             "in the namespace, and recorded in each TrafficPolicy's status; a replica takes "
+                             "over this long after the holder stops renewing (default 15)")
     parser.set_defaults(handler=run)
+
+
+def _lease_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole seconds, at least 3")
+    return value
+
+
+def _cluster(args: argparse.Namespace) -> Cluster | None:
+    """The cluster to watch with --watch-kube (None with --policy); flag mistakes are one line."""
+    if (args.policy is None) == (not args.watch_kube):
+        raise CommandError("give exactly one of --policy FILE or --watch-kube")
+    if not args.watch_kube:
+        if args.namespace or args.context:
+            raise CommandError("--namespace and --context only apply with --watch-kube")
+        if args.lease_duration:
+            raise CommandError("--lease-duration only applies with --watch-kube")
+        return None
+    from meshlet.k8s.kube import KubeError, connect
+
+    try:
+        return connect(args.context)
+    except KubeError as e:
+        raise CommandError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from meshlet.mtls.files import IdentityError, read_identity
+    from meshlet.mtls.reissue import Reissuer
+    from meshlet.mtls.requirements import require_identity
     from meshlet.proxy.config import SidecarConfig
     from meshlet.proxy.master import StartupError, serve, setup_logging
     from meshlet.proxy.state import compile_policy
     from meshlet.proxy.supervisor import supervise
+    from meshlet.rollout.service import RolloutOptions
 
+    cluster = _cluster(args)
     try:
-        with open(args.policy, encoding="utf-8") as f:
-            applied = compile_policy(f.read(), 1, args.policy)
+        if cluster is not None:  # ready at once: see meshlet.k8s.follow for why not wait for policies
+            applied = compile_policy("", 1)
+        else:
+            with open(args.policy, encoding="utf-8") as f:
+                text = f.read()
+            if not text.strip():
+                load_text(text, args.policy)  # an empty policy file is an error, located by the loader
+            applied = compile_policy(text, 1, args.policy)
+        require_identity(applied.policies, args.identity is not None)
     except OSError as e:
         raise CommandError(f"{args.policy}: {e.strerror}") from None
     except PolicyInvalid as e:
         for error in e.errors[:-1]:
             print(error, file=sys.stderr)
         raise CommandError(str(e.errors[-1])) from None
+    if args.ca is not None and args.identity is None:
+        raise CommandError("--ca reissues the --identity certificate: give --identity DIR too")
     if args.identity is not None:
         try:
             read_identity(args.identity)  # checked once here, before any worker starts
+            if args.ca is not None:
+                Reissuer(args.identity, args.ca)
         except IdentityError as e:
             raise CommandError(str(e)) from None
     config = SidecarConfig(
         outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app,
         strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
-        metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity,
+        metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
     )
+    if args.state_dir is not None:
+        try:
+            args.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CommandError(f"--state-dir {args.state_dir}: {e.strerror}") from None
+        if not os.access(args.state_dir, os.W_OK):
+            raise CommandError(f"--state-dir {args.state_dir}: not writable")
+    if args.prometheus is not None and not args.prometheus.startswith(("http://", "https://")):
+        raise CommandError(f"--prometheus {args.prometheus}: expected an http:// or https:// URL")
+    kube = None
+    if cluster is not None:  # every replica following the namespace elects one rollout driver
+        from meshlet.rollout.kube import coordinate
+
+        kube = coordinate(cluster, args.namespace, args.lease_duration or 15)
+    rollout = RolloutOptions(args.state_dir, args.prometheus, kube)
     setup_logging()
 
     def ready(addrs: dict[str, str]) -> None:
         logging.getLogger("meshlet.proxy").info("ready %s", " ".join(f"{k}={v}" for k, v in addrs.items()))
+        if cluster is not None:
+            from meshlet.k8s.follow import follow
+
+            follow(cluster, addrs["admin"], args.namespace)
 
     try:
         if args.workers == 1:
-            return asyncio.run(serve(config, applied, ready))
-        return asyncio.run(supervise(config, applied, args.workers, ready))
+            return asyncio.run(serve(config, applied, ready, rollout))
+        return asyncio.run(supervise(config, applied, args.workers, ready, rollout))
     except (StartupError, IdentityError) as e:
         raise CommandError(str(e)) from None

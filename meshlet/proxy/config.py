@@ -38,6 +38,7 @@ class SidecarConfig:
     metrics_compat: str = "none"
     workload: str = "unknown"
     identity_dir: Path | None = None
+    ca_dir: Path | None = None  # local mode: reissue the identity from this CA before it expires
 
     def mode_specs(self) -> list[str]:
         """mitmproxy modes: `regular` takes both Host-header and absolute-form (HTTP_PROXY) requests."""
@@ -53,6 +54,7 @@ def config_to_json(config: SidecarConfig) -> dict:
     for name in ("outbound", "inbound", "admin", "app"):
         value[name] = [value[name].host, value[name].port]
     value["identity_dir"] = str(config.identity_dir) if config.identity_dir else None
+    value["ca_dir"] = str(config.ca_dir) if config.ca_dir else None
     return value
 
 
@@ -61,4 +63,5 @@ def config_from_json(value: dict) -> SidecarConfig:
     for name in ("outbound", "inbound", "admin", "app"):
         fields[name] = Address(fields[name][0], int(fields[name][1]))
     fields["identity_dir"] = Path(fields["identity_dir"]) if fields.get("identity_dir") else None
+    fields["ca_dir"] = Path(fields["ca_dir"]) if fields.get("ca_dir") else None
     return SidecarConfig(**fields)

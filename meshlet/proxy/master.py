@@ -22,6 +22,7 @@ from meshlet.proxy.addon import Routing
 from meshlet.proxy.admin import AdminApi
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.state import Applied, PolicyState
+from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
 from meshlet.telemetry.proxy import ProxyMetrics
 
 log = logging.getLogger("meshlet.proxy")
@@ -37,7 +38,8 @@ def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
     from meshlet.proxy.h2c import RefuseH2c
     from meshlet.proxy.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
 
-    mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry)
+    mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry,
+                           config.ca_dir)
     return [
         core.Core(), proxyserver.Proxyserver(), *mtls, RefuseH2c(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         routing,
@@ -54,17 +56,29 @@ def setup_logging() -> None:
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
 
 
-async def serve(config: SidecarConfig, applied: Applied, on_ready: Callable[[dict[str, str]], None]) -> int:
-    """Run until SIGTERM/SIGINT, then stop accepting, drain (bounded) and return 0."""
+async def serve(
+    config: SidecarConfig, applied: Applied, on_ready: Callable[[dict[str, str]], None],
+    rollout: RolloutOptions | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT, then stop accepting, drain (bounded) and return 0.
+
+    `rollout` is given to the process that owns the rollouts (not to `--workers` workers).
+    """
     from mitmproxy import exceptions, options
     from mitmproxy.master import Master
 
+    from meshlet.proxy.lean import LeanAddons
+
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, config.metrics_compat, config.workload)
-    state = PolicyState(applied)
+    rollouts = None if rollout is None else make_rollouts(rollout, registry, registry)
+    if rollouts is not None:
+        applied = resume_rollouts(rollouts, applied)
+    state = PolicyState(applied, config.identity_dir is not None)
     routing = Routing(state, metrics, config.strict_hosts)
     opts = options.Options()
     master = Master(opts, with_termlog=False)
+    master.addons = LeanAddons(master)  # hooks dispatched through an index (meshlet.proxy.lean)
     master.addons.add(*build_addons(config, routing))
     try:
         opts.update(mode=config.mode_specs(), keep_host_header=True, connection_strategy="lazy")
@@ -78,7 +92,7 @@ async def serve(config: SidecarConfig, applied: Applied, on_ready: Callable[[dic
         raise StartupError("; ".join(failed) or "listeners failed to start")
     mtls = master.addons.get("meshtls")
     admin_api = AdminApi(state, metrics, lambda: all(s.is_running for s in proxyserver.servers),
-                         certs=mtls and mtls.certs)
+                         certs=mtls and mtls.certs, rollouts=rollouts)
     try:
         admin = await httpserver.start(admin_api, config.admin.host, config.admin.port)
     except OSError as e:
@@ -96,10 +110,13 @@ async def serve(config: SidecarConfig, applied: Applied, on_ready: Callable[[dic
         "outbound": f"{addrs[0][0]}:{addrs[0][1]}", "inbound": f"{addrs[1][0]}:{addrs[1][1]}",
         "admin": f"{config.admin.host}:{httpserver.bound_port(admin)}", "generation": str(state.generation),
     })
+    ticker = asyncio.ensure_future(admin_api.run_rollouts()) if rollouts is not None else None
     try:
         await stop.wait()
         await drain(proxyserver, routing, config.drain_timeout)
     finally:
+        if ticker is not None:
+            ticker.cancel()
         admin.close()
         await master.done()
     return 0

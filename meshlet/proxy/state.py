@@ -6,10 +6,12 @@ table untouched, and a request that read `state.table` keeps that table until it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from meshlet.mtls.requirements import require_identity
 from meshlet.policy import PolicyError, PolicyInvalid, load_text
-from meshlet.policy.model import NOWHERE
+from meshlet.policy.model import NOWHERE, TrafficPolicy
+from meshlet.rollout.weights import Weights, apply_weights
 from meshlet.routing import RoutingTable, compile_table
 
 
@@ -19,23 +21,41 @@ class Applied:
 
     table: RoutingTable
     source: str
+    policies: tuple[TrafficPolicy, ...] = ()  # as written, before rollout weights
+    weights: Weights = field(default_factory=dict)  # rollout overlay compiled into `table`
 
 
-def compile_policy(text: str, generation: int, file: str = "<policy>") -> Applied:
-    """Validate and compile; raises PolicyInvalid with every located error, never half-applies."""
-    policies = load_text(text, file)
+def compile_policy(text: str, generation: int, file: str = "<policy>", weights: Weights | None = None) -> Applied:
+    """Validate and compile; raises PolicyInvalid with every located error, never half-applies.
+
+    Empty text is the empty table (every host passes through): what a `--watch-kube` sidecar
+    runs before its namespace has a TrafficPolicy and after the last one is deleted. (A policy
+    *file* must not be empty: `meshlet validate`, `apply` and `run --policy` use the loader.)
+    """
+    if not text.strip():
+        return _compile((), "", generation, weights or {})
+    return _compile(load_text(text, file).traffic, text, generation, weights or {})
+
+
+def reweigh(applied: Applied, weights: Weights, generation: int) -> Applied:
+    """The same policy with another rollout overlay, as a new generation."""
+    return _compile(applied.policies, applied.source, generation, weights)
+
+
+def _compile(policies: tuple[TrafficPolicy, ...], text: str, generation: int, weights: Weights) -> Applied:
     try:
-        table = compile_table(policies.traffic, generation)
+        table = compile_table(apply_weights(policies, weights), generation)
     except ValueError as e:
         raise PolicyInvalid([PolicyError(NOWHERE, str(e))]) from None
-    return Applied(table, text)
+    return Applied(table, text, policies, weights)
 
 
 class PolicyState:
     """Holder of the current table; `apply` is the only writer."""
 
-    def __init__(self, applied: Applied):
+    def __init__(self, applied: Applied, has_identity: bool = True):
         self.current = applied
+        self.has_identity = has_identity  # False: policies that need mTLS are refused by `prepare`
 
     @property
     def table(self) -> RoutingTable:
@@ -45,9 +65,13 @@ class PolicyState:
     def generation(self) -> int:
         return self.current.table.generation
 
-    def prepare(self, text: str, file: str = "<policy>", generation: int | None = None) -> Applied:
+    def prepare(
+        self, text: str, file: str = "<policy>", generation: int | None = None, weights: Weights | None = None
+    ) -> Applied:
         """Compile `text` as the next generation (or `generation`) without touching the running table."""
-        return compile_policy(text, self.generation + 1 if generation is None else generation, file)
+        applied = compile_policy(text, self.generation + 1 if generation is None else generation, file, weights)
+        require_identity(applied.policies, self.has_identity)
+        return applied
 
     def swap(self, applied: Applied) -> None:
         self.current = applied

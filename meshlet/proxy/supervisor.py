@@ -27,14 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from meshlet.mtls.files import identity_certs
 from meshlet.policy.model import Address
 from meshlet.proxy import httpserver
-from meshlet.proxy.admin import GENERATION_HEADER, AdminApi, DistributionError
+from meshlet.proxy.admin import GENERATION_HEADER, WEIGHTS_HEADER, AdminApi, DistributionError
 from meshlet.proxy.config import SidecarConfig, config_to_json
 from meshlet.proxy.master import StartupError
 from meshlet.proxy.state import Applied, PolicyState
+from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
 from meshlet.telemetry.proxy import ProxyMetrics, enable_multiprocess, multiprocess_render
 
 log = logging.getLogger("meshlet.proxy")
@@ -73,7 +75,8 @@ async def _start_worker(config: SidecarConfig, applied: Applied, env: dict[str, 
         sys.executable, "-m", "meshlet.proxy.worker", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, env=env, preexec_fn=_die_with_parent,
     )
-    job = {"config": config_to_json(config), "policy": applied.source, "generation": applied.table.generation}
+    job = {"config": config_to_json(config), "policy": applied.source, "generation": applied.table.generation,
+           "weights": applied.weights}
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write((json.dumps(job) + "\n").encode())
     await process.stdin.drain()
@@ -94,7 +97,7 @@ async def _start_worker(config: SidecarConfig, applied: Applied, env: dict[str, 
 def _put(control: str, applied: Applied) -> None:
     request = urllib.request.Request(
         f"http://{control}/policy", data=applied.source.encode(), method="PUT",
-        headers={GENERATION_HEADER: str(applied.table.generation)},
+        headers={GENERATION_HEADER: str(applied.table.generation), WEIGHTS_HEADER: json.dumps(applied.weights)},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         response.read()
@@ -106,7 +109,7 @@ class Supervisor:
             config, outbound=_claim_port(config.outbound), inbound=_claim_port(config.inbound),
             admin=Address("127.0.0.1", 0),
         )
-        self.state = PolicyState(applied)
+        self.state = PolicyState(applied, config.identity_dir is not None)
         self.count = count
         self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         self.workers: list[Worker] = []
@@ -169,18 +172,24 @@ class Supervisor:
 
 
 async def supervise(
-    config: SidecarConfig, applied: Applied, count: int, on_ready: Callable[[dict[str, str]], None]
+    config: SidecarConfig, applied: Applied, count: int, on_ready: Callable[[dict[str, str]], None],
+    rollout: RolloutOptions | None = None,
 ) -> int:
     metrics_dir = Path(tempfile.mkdtemp(prefix="meshlet-metrics-"))
     try:
         enable_multiprocess(metrics_dir)
         metrics = ProxyMetrics(CollectorRegistry(), config.metrics_compat, config.workload)
+        rollouts = None
+        if rollout is not None:  # analyses read every worker's figures from the multiprocess files
+            workers_metrics = MultiProcessCollector(None, path=str(metrics_dir))
+            rollouts = make_rollouts(rollout, workers_metrics, metrics.registry)
+            applied = resume_rollouts(rollouts, applied)
         supervisor = Supervisor(config, applied, count, metrics_dir)
         await supervisor.start()
         try:
             render = multiprocess_render(metrics_dir)
             api = AdminApi(supervisor.state, metrics, supervisor.ready, supervisor.distribute, render,
-                           certs=identity_certs(config.identity_dir))
+                           certs=identity_certs(config.identity_dir), rollouts=rollouts)
             try:
                 admin = await httpserver.start(api, config.admin.host, config.admin.port)
             except OSError as e:
@@ -195,10 +204,13 @@ async def supervise(
                 "generation": str(applied.table.generation), "workers": str(count),
             })
             watcher = asyncio.ensure_future(supervisor.watch())
+            ticker = asyncio.ensure_future(api.run_rollouts()) if rollouts is not None else None
             await stop.wait()
             log.info("draining: passing SIGTERM to %d worker(s)", len(supervisor.workers))
             admin.close()
             watcher.cancel()
+            if ticker is not None:
+                ticker.cancel()
         finally:
             await supervisor.stop(config.drain_timeout + 5.0)
         return 0

@@ -4,12 +4,16 @@ The supervisor writes `{"config": ..., "policy": TEXT, "generation": N}` to stdi
 binds the shared listeners with SO_REUSEPORT, its admin API on a private loopback port, and
 answers one JSON line on stdout: `{"ready": {...}}` or `{"error": "one line"}`.
 Metrics go to the supervisor's PROMETHEUS_MULTIPROC_DIR (set in our environment).
+A worker runs optimized (`-O`, re-executing itself if started without): mitmproxy's per-request
+type checks and asserts exist only `if __debug__` (see meshlet.proxy.lean); MESHLET_WORKER_DEBUG=1
+keeps them on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 from meshlet.policy import PolicyInvalid
@@ -21,6 +25,8 @@ def _say(message: dict) -> None:
 
 
 def main() -> int:
+    if not sys.flags.optimize and not os.environ.get("MESHLET_WORKER_DEBUG"):
+        os.execv(sys.executable, [sys.executable, "-O", "-m", "meshlet.proxy.worker"])  # stdin (the job) is kept
     from meshlet.proxy.config import config_from_json
     from meshlet.proxy.master import StartupError, serve, setup_logging
     from meshlet.proxy.reuseport import enable_reuse_port
@@ -30,7 +36,7 @@ def main() -> int:
     setup_logging()
     enable_reuse_port()
     try:
-        applied = compile_policy(job["policy"], int(job["generation"]), "policy")
+        applied = compile_policy(job["policy"], int(job["generation"]), "policy", job.get("weights"))
         return asyncio.run(serve(config_from_json(job["config"]), applied, lambda addrs: _say({"ready": addrs})))
     except (StartupError, PolicyInvalid) as e:
         _say({"error": str(e).splitlines()[0]})

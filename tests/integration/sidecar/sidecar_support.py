@@ -109,19 +109,22 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def run_sidecar(policy: str, *extra: str, app_port: int | None = None, workers: int = 1) -> Iterator[Sidecar]:
-    """`meshlet run` on free ports with `policy`; SIGTERM (then kill) on exit, even on failure."""
+def run_sidecar(
+    policy: str | None, *extra: str, app_port: int | None = None, workers: int = 1, env: Mapping[str, str] = {},
+) -> Iterator[Sidecar]:
+    """`meshlet run` on free ports with `policy` (None: no --policy, e.g. with --watch-kube in
+    `extra`); SIGTERM (then kill) on exit, even on failure."""
     workdir = Path(tempfile.mkdtemp(prefix="meshlet-sidecar-"))
     policy_file = workdir / "policy.yaml"
-    policy_file.write_text(policy)
+    policy_file.write_text(policy or "")
     log = workdir / "stderr.log"
     args = [
-        MESHLET, "run", "--policy", str(policy_file),
+        MESHLET, "run", *(["--policy", str(policy_file)] if policy is not None else []),
         "--outbound", f"127.0.0.1:{free_port()}", "--inbound", f"127.0.0.1:{free_port()}",
         "--admin", f"127.0.0.1:{free_port()}", "--app", f"127.0.0.1:{app_port or free_port()}", "--workers", str(workers), *extra,
     ]
     with open(log, "wb") as err:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not (match := READY.search(log.read_text())):
