@@ -1,6 +1,6 @@
 """The few bpf() object operations bcc 0.26 does not wrap, through the system libbpf.
 
-Opening pinned objects, asking a cgroup which programs it runs, a program's id, detaching by
+Opening pinned objects, asking a cgroup which programs it runs, a program's id and miss count, detaching by
 file descriptor, and walking the keys of a map bcc cannot wrap (a sockhash). Errors come back
 as `OSError` with the errno. (Pinning itself is `meshlet.ebpf.pins.pin`.)
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -51,12 +53,32 @@ def detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(_libbpf().bpf_prog_detach2(prog_fd, target_fd, attach_type), f"detach type {attach_type}")
 
 
-def prog_id(fd: int) -> int:
-    """The kernel's id of a loaded program (the second field of struct bpf_prog_info)."""
-    info = ctypes.create_string_buffer(256)  # zeroed beyond what the kernel fills, as it requires
+@dataclass(frozen=True, slots=True)
+class ProgInfo:
+    """What the kernel tells about a loaded program. `recursion_misses` counts the runs it skipped
+    because another tracing program was already running on that CPU (a softirq landing on top of
+    one, say): events the program never saw, so its counts are short by exactly that much."""
+
+    id: int
+    run_count: int  # only counted while the kernel.bpf_stats_enabled sysctl is 1
+    recursion_misses: int
+
+
+# Offsets in struct bpf_prog_info (linux/bpf.h): id at 4, run_cnt at 200, recursion_misses at 208.
+_PROG_INFO_SIZE = 232
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)  # zeroed beyond what the kernel fills, as it requires
     size = ctypes.c_uint(ctypes.sizeof(info))
     _check(_libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)), "program info")
-    return int.from_bytes(info.raw[4:8], "little")
+    run_count, misses = struct.unpack_from("<QQ", info.raw, 200)
+    return ProgInfo(id=int.from_bytes(info.raw[4:8], "little"), run_count=run_count, recursion_misses=misses)
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of a loaded program."""
+    return prog_info(fd).id
 
 
 def attached_ids(target_fd: int, attach_type: int, capacity: int = 64) -> tuple[int, ...]:

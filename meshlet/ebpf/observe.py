@@ -6,10 +6,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from meshlet.ebpf import hist, source
+from meshlet.ebpf import bpfsys, hist, source
 from meshlet.ebpf.maps import fill_port_map
 from meshlet.ebpf.pins import pin
-from meshlet.telemetry.node import TcpCounter, TcpHistogram, TcpSnapshot
+from meshlet.telemetry.node import ProgramMisses, TcpCounter, TcpHistogram, TcpSnapshot
 
 MAX_PORTS = 64
 _METRICS = {0: "connect_latency", 1: "srtt"}  # METRIC_* in bpf/meshlet_hist.h
@@ -61,9 +61,25 @@ class TcpObserver:
             for series, counts in sorted(slots.items())
             for metric, port, direction in [series]
         )
-        return TcpSnapshot(histograms, tuple(sorted(retransmits, key=lambda c: (c.port, c.direction))))
+        return TcpSnapshot(
+            histograms, tuple(sorted(retransmits, key=lambda c: (c.port, c.direction))), self.missed()
+        )
+
+    def missed(self) -> tuple[ProgramMisses, ...]:
+        """Per tracepoint, the events its program skipped since load (the kernel runs one tracing
+        program per CPU at a time). Counts above are short by exactly these."""
+        return tuple(
+            ProgramMisses(_tracepoint(name), bpfsys.prog_info(function.fd).recursion_misses)
+            for name, function in sorted(self._bpf.funcs.items())
+        )
 
     def close(self) -> None:
         for path in self.pins:
             path.unlink(missing_ok=True)
         self._bpf.cleanup()
+
+
+def _tracepoint(function: bytes) -> str:
+    """`tracepoint__sock__inet_sock_set_state` (bcc's name for a TRACEPOINT_PROBE) -> `sock:inet_sock_set_state`."""
+    _, category, event = function.decode().split("__", 2)
+    return f"{category}:{event}"

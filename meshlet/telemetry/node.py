@@ -26,6 +26,7 @@ TcpHistogramName = Literal["connect_latency", "srtt"]
 CONNECT_LATENCY = "meshlet_tcp_connect_latency_seconds"
 SRTT = "meshlet_tcp_srtt_seconds"
 RETRANSMITS = "meshlet_tcp_retransmits_total"
+MISSED = "meshlet_ebpf_missed_events_total"
 QOS_RATE = "meshlet_qos_class_rate_bits"
 QOS_ADJUSTMENTS = "meshlet_qos_adjustments_total"
 
@@ -55,9 +56,18 @@ class TcpCounter:
 
 
 @dataclass(frozen=True, slots=True)
+class ProgramMisses:
+    """Events a tracepoint's program did not see (the kernel skipped it: see `bpfsys.ProgInfo`)."""
+
+    tracepoint: str
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
 class TcpSnapshot:
     histograms: tuple[TcpHistogram, ...] = ()
     retransmits: tuple[TcpCounter, ...] = ()
+    missed: tuple[ProgramMisses, ...] = ()
 
 
 class TcpCollector(Collector):
@@ -76,7 +86,11 @@ class TcpCollector(Collector):
 
     def describe(self) -> list[Metric]:
         # Describing without reading keeps registration free of kernel access.
-        return [*(HistogramMetricFamily(n, d, labels=LABELS) for n, d in _HISTOGRAMS.values()), self._retransmits()]
+        return [
+            *(HistogramMetricFamily(n, d, labels=LABELS) for n, d in _HISTOGRAMS.values()),
+            self._retransmits(),
+            self._missed(),
+        ]
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -95,6 +109,10 @@ class TcpCollector(Collector):
         for c in snapshot.retransmits:
             retransmits.add_metric([str(c.port), c.direction], c.value)
         yield retransmits
+        missed = self._missed()
+        for m in snapshot.missed:
+            missed.add_metric([m.tracepoint], m.value)
+        yield missed
 
     def _cumulative(self, counts: Sequence[int]) -> list[tuple[str, float]]:
         total = 0
@@ -107,6 +125,14 @@ class TcpCollector(Collector):
     @staticmethod
     def _retransmits() -> CounterMetricFamily:
         return CounterMetricFamily(RETRANSMITS, "TCP segments retransmitted, seen in the kernel.", labels=LABELS)
+
+    @staticmethod
+    def _missed() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            MISSED,
+            "TCP events a tracepoint program skipped because another tracing program held the CPU.",
+            labels=("tracepoint",),
+        )
 
 
 class QosMetrics:

@@ -73,6 +73,13 @@ def test_connections_counted_exactly_and_only_on_watched_ports(observer):
         # The server side saw data segments: smoothed RTT samples under its local port.
         srtt = registry.get_sample_value("meshlet_tcp_srtt_seconds_count", {"port": str(port), "direction": "in"})
         assert srtt and srtt >= 25
+        tracepoints = {"sock:inet_sock_set_state", "tcp:tcp_probe", "tcp:tcp_retransmit_skb"}
+        for tracepoint in tracepoints:
+            assert registry.get_sample_value("meshlet_ebpf_missed_events_total", {"tracepoint": tracepoint}) is not None
+
+
+def connlat_misses(observer: TcpObserver) -> int:
+    return next(m.value for m in observer.missed() if m.tracepoint == "sock:inet_sock_set_state")
 
 
 def test_kernel_percentiles_match_user_space_within_a_bucket(observer, veth_pair):
@@ -90,6 +97,7 @@ def test_kernel_percentiles_match_user_space_within_a_bucket(observer, veth_pair
     observer.set_ports([port])
     rng = random.Random(5)
     measured, clients = [], []
+    misses_before = connlat_misses(observer)
     try:
         for _ in range(16):
             with inside(veth_pair.left):
@@ -101,7 +109,10 @@ def test_kernel_percentiles_match_user_space_within_a_bucket(observer, veth_pair
             measured.append(time.perf_counter() - start)
             time.sleep(rng.uniform(0, 0.06))  # lets the bucket refill a varying amount
         kernel = series(observer, "connect_latency", port, "out")
-        assert kernel is not None and sum(kernel.counts) == len(measured)
+        # Exact, except for state changes the kernel did not run the program for (any TCP socket's,
+        # not only these: a bound, and a rare one) -- counted, so the shortfall is accounted for.
+        skipped = connlat_misses(observer) - misses_before
+        assert kernel is not None and len(measured) - skipped <= sum(kernel.counts) <= len(measured)
         measured.sort()
         slack = 0.002  # syscall, Python and scheduling around connect(): far below a bucket here (4-16 ms)
         for q in (0.5, 0.9):

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from meshlet.ebpf import hist
 from meshlet.telemetry.node import (
+    ProgramMisses,
     TcpCollector,
     TcpCounter,
     TcpHistogram,
@@ -32,6 +33,7 @@ LATENCIES = [100] * 50 + [1000] * 40 + [20_000] * 10  # µs
 SNAPSHOT = TcpSnapshot(
     histograms=(TcpHistogram("connect_latency", 9081, "out", counts(LATENCIES), sum(LATENCIES) / 1e6),),
     retransmits=(TcpCounter(9081, "in", 7),),
+    missed=(ProgramMisses("tcp:tcp_probe", 3),),
 )
 
 
@@ -52,6 +54,7 @@ def test_histogram_buckets_are_the_kernel_slots_cumulated():
     assert get("meshlet_tcp_connect_latency_seconds_bucket", {**labels, "le": "0.000112"}) == 50
     assert get("meshlet_tcp_connect_latency_seconds_bucket", {**labels, "le": "+Inf"}) == 100
     assert get("meshlet_tcp_retransmits_total", {"port": "9081", "direction": "in"}) == 7
+    assert get("meshlet_ebpf_missed_events_total", {"tracepoint": "tcp:tcp_probe"}) == 3
 
 
 def test_a_failed_map_read_skips_the_metrics_instead_of_failing_the_scrape():
