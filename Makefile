@@ -1,5 +1,5 @@
 # The two commands of README.md. Both install first (scripts/setup is idempotent).
-.PHONY: run test setup lint bench
+.PHONY: run test setup lint bench bench-growth
 
 VENV := .venv
 
@@ -18,3 +18,6 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/python bench/run.py
+
+bench-growth: setup
+	$(VENV)/bin/python bench/growth.py
