@@ -188,6 +188,13 @@ class RolloutController:
             resumed.append(state)
         return resumed
 
+    def adopt(self, recorded: dict[str, dict], policies: Iterable[TrafficPolicy]) -> list[RolloutState]:
+        """Drop our rollouts and continue from `recorded` (what another replica wrote down), as
+        `resume_saved` does at start-up: a new leader takes over mid-rollout."""
+        self._saved = dict(recorded)
+        self._entries.clear()
+        return self.resume_saved(policies)
+
     # -- persistence -----------------------------------------------------------------------------
 
     def _changed(self, entry: _Entry) -> None:

@@ -112,9 +112,7 @@ class Rollouts:
     def _adopt(self, policies: Iterable[TrafficPolicy]) -> None:
         """Replace our states by those recorded on the resources (the controller's resume path)."""
         assert self.kube is not None
-        self.controller._saved = self.kube.recorded()
-        self.controller._entries.clear()
-        self.controller.resume_saved(policies)
+        self.controller.adopt(self.kube.recorded(), policies)
         self._record()
 
     def _publish(self) -> None:

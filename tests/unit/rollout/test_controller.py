@@ -5,6 +5,7 @@ the sidecar's own ProxyMetrics, read back by `snapshot`."""
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -113,6 +114,19 @@ def test_restart_resumes_from_the_recorded_step(world, tmp_path):
     (state,) = again.resume_saved(policies)
     assert (state.phase, state.step, state.weight) == ("Progressing", 1, 50)
     assert [t.weight for t in state.history] == [10, 50]
+
+
+def test_a_new_leader_adopts_what_the_old_one_recorded_and_drops_its_own(world, tmp_path):
+    controller, policies = world.controller, world.policies
+    controller.start(policies, "reviews")
+    interval(world, 0)
+    interval(world, 50)
+    recorded = json.loads((tmp_path / "rollouts.json").read_text())
+    follower = RolloutController(None, world.clock)
+    follower.start(policies, "reviews")  # a stale view of its own, at step 1
+    (state,) = follower.adopt(recorded, policies)
+    assert (state.phase, state.step, state.weight) == ("Progressing", 1, 50)
+    assert follower.adopt({}, policies) == [] and follower.status() == []
 
 
 def test_apply_keeps_a_rollout_of_the_same_route_and_cancels_a_changed_one(world):
