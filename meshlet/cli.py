@@ -31,8 +31,17 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options: `--metrics` must not quietly mean `--metrics-compat`, nor a
+    flag added later change what an old abbreviation meant. Sub-parsers inherit the class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="meshlet",
         description="Traffic-shaping sidecar and service-mesh policy engine.",
     )
