@@ -222,6 +222,7 @@ def profile(target: Target, results: Path, duration: float) -> Path:
     if not target.services or not Path(spy).exists():
         raise RuntimeError(f"cannot profile {target.name}: " + ("not a process" if Path(spy).exists() else
                            "py-spy is missing (pip install -e '.[bench]')"))
+    results.mkdir(parents=True, exist_ok=True)
     out = results / f"flame-{target.name}.svg"
     argv = [spy, "record", "--pid", str(target.services[0].proc.pid), "--subprocesses", "--rate", "100",
             "--duration", f"{duration + 1:g}", "--output", str(out)]
@@ -229,7 +230,9 @@ def profile(target: Target, results: Path, duration: float) -> Path:
         generate(target, "wrk-c16", duration)
         _, err = spying.communicate(timeout=duration + 60)
     if spying.returncode:
-        raise RuntimeError(f"py-spy failed: {(err.strip().splitlines() or ['?'])[-1]}")
+        # py-spy ends its message with a Rust backtrace: the line naming the error is the one to show.
+        lines = err.strip().splitlines() or ["?"]
+        raise RuntimeError(f"py-spy failed: {next((line for line in lines if line.startswith('Error')), lines[-1])}")
     return out
 
 
