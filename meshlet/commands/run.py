@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --watch-kube: rollouts are driven by the holder of the Lease meshlet-rollouts "
                              "in the namespace, and recorded in each TrafficPolicy's status; a replica takes "
                              "over this long after the holder stops renewing (default 15)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, optimize=lambda args: args.workers == 1)  # >1: workers re-exec themselves
 
 
 def _lease_seconds(text: str) -> int:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from meshlet.cli import DEBUG_ENV
 from meshlet.policy import PolicyInvalid
 
 
@@ -25,7 +26,7 @@ def _say(message: dict) -> None:
 
 
 def main() -> int:
-    if not sys.flags.optimize and not os.environ.get("MESHLET_WORKER_DEBUG"):
+    if not sys.flags.optimize and not os.environ.get(DEBUG_ENV):
         os.execv(sys.executable, [sys.executable, "-O", "-m", "meshlet.proxy.worker"])  # stdin (the job) is kept
     from meshlet.proxy.config import config_from_json
     from meshlet.proxy.master import StartupError, serve, setup_logging

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import yaml
@@ -357,6 +358,22 @@ def test_workers_share_the_listener_and_a_dead_worker_is_replaced(backends):
         answers = load(sidecar.outbound, 200, connections=8, host="reviews")
         assert all(isinstance(a, Answer) and a.status == 200 for a in answers)
         assert "restarting it" in sidecar.stderr()
+
+
+def _interpreter_flags(pid: int) -> list[str]:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return [a.decode() for a in argv[1 : argv.index(b"meshlet.cli")]] if b"meshlet.cli" in argv else []
+
+
+@pytest.mark.parametrize(("env", "optimized"), [({}, True), ({"MESHLET_WORKER_DEBUG": "1"}, False)])
+def test_one_worker_serves_optimized_in_the_same_process_unless_debugging(backends, env, optimized):
+    """`--workers 1` re-executes itself under `python -O` (same pid, so signals and Pod probes
+    still reach it) and still routes; MESHLET_WORKER_DEBUG keeps mitmproxy's checks on."""
+    v12 = {"v1": backends.port["v1"], "v2": backends.port["v2"]}
+    with run_sidecar(policy("reviews", v12, CANARY), workers=1, env=env) as sidecar:
+        assert ("-O" in _interpreter_flags(sidecar.process.pid)) == optimized
+        assert sidecar.children() == []
+        assert get(sidecar.outbound, host="reviews").status == 200
 
 
 async def _ws_echo(reader, writer) -> None:
