@@ -16,12 +16,14 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitmproxy import http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from meshlet.mtls.upstream import UpstreamTls
 from meshlet.policy.model import IDEMPOTENT_METHODS, Backend, Route
 from meshlet.proxy import responses
 from meshlet.proxy.state import PolicyState
@@ -73,10 +75,8 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
 
 
 def needs_pool(decision: Decision) -> bool:
-    """Deadlines and replays need meshlet's client; mesh-TLS backends stay on mitmproxy's path."""
+    """Deadlines and replays need meshlet's client (which speaks mesh mTLS too)."""
     route = decision.route
-    if decision.backend.tls != "none":
-        return False
     replays = route.retries is not None and set(route.retries.on) - {"connect-failure"}
     return route.timeout is not None or bool(replays)
 
@@ -113,6 +113,8 @@ class Routing:
         self.metrics = metrics
         self.strict_hosts = strict_hosts
         self.pool = UpstreamPool()
+        # Set by the mTLS addon: how the pool reaches a `tls: mesh` backend (None: no --identity).
+        self.upstream_tls: Callable[[Backend], UpstreamTls | None] = lambda backend: None
         self.open_upstreams: Counter[tuple[str, int]] = Counter()
         self.in_flight = 0
 
@@ -178,8 +180,11 @@ class Routing:
             exchange.backend = backend.name
             attempt += 1
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            tls = self.upstream_tls(backend) if backend.tls == "mesh" else None
+            if backend.tls == "mesh" and tls is None:
+                return responses.unavailable(backend.name, "it needs mesh mTLS; this sidecar runs without --identity")
             try:
-                response = await self.pool.send((backend.address.host, backend.address.port), request, remaining)
+                response = await self.pool.send((backend.address.host, backend.address.port), request, remaining, tls)
             except TimeoutError:
                 return responses.timed_out(route.name, timeout or 0.0)
             except UpstreamError as e:

@@ -40,6 +40,7 @@ def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
 
     mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry,
                            config.ca_dir)
+    routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     return [
         core.Core(), proxyserver.Proxyserver(), *mtls, RefuseH2c(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         routing,

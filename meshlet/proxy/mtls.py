@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,8 @@ from meshlet.mtls.contexts import TlsContexts
 from meshlet.mtls.files import IdentityError, describe
 from meshlet.mtls.reissue import Reissuer
 from meshlet.mtls.rotation import IdentityWatcher
-from meshlet.mtls.verify import Verdict, verify_peer
+from meshlet.mtls.upstream import UpstreamTls, client_context
+from meshlet.mtls.verify import Result, Verdict, verify_peer
 from meshlet.policy.model import Backend, Mtls, TrafficPolicy
 from meshlet.telemetry.mtls import MtlsMetrics, default_metrics
 
@@ -130,6 +132,7 @@ class MeshTls:
         self._seen: Sequence[TrafficPolicy] | None = None
         self._mesh: dict[tuple[str, int], Backend] = {}
         self._poller: asyncio.Task | None = None
+        self._upstream_context: tuple[str, ssl.SSLContext] | None = None  # (our serial, context)
         if watcher is not None:
             self._expiry(watcher.current)
 
@@ -302,6 +305,18 @@ class MeshTls:
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._probes.pop(data.server.id, None)
         self._peers.pop(data.server.id, None)
+
+    def upstream(self, backend: Backend) -> UpstreamTls | None:
+        """mTLS for meshlet's own upstream client (routes with timeout/retries); None without --identity."""
+        if self.watcher is None:
+            return None
+        identity = self.watcher.current.identity
+        if self._upstream_context is None or self._upstream_context[0] != identity.serial:
+            self._upstream_context = (identity.serial, client_context(identity))
+        return UpstreamTls(self._upstream_context[1], identity.serial, backend.identity or None, self._upstream_result)
+
+    def _upstream_result(self, result: Result) -> None:
+        self.metrics.handshake("outbound", result)
 
     def _mesh_backend(self, host: str, port: int) -> Backend | None:
         policies = self._policies()

@@ -3,17 +3,21 @@
 mitmproxy's server side cannot be cut short with a chosen status or replayed against another
 backend, so a route that asks for a deadline (504) or retries sends its request here instead:
 one bounded exchange over a pooled keep-alive connection. Bodies are buffered, which retries
-need anyway (a request can only be sent again if it is still at hand).
+need anyway (a request can only be sent again if it is still at hand). A `tls: mesh` backend is
+reached over mTLS (meshlet.mtls.upstream); the deadline covers the handshake too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import defaultdict
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
+
+from meshlet.mtls.upstream import UpstreamTls, check_leaf, classify
 
 Address = tuple[str, int]
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "trailer")
@@ -59,32 +63,36 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readexactly(2)
 
 
+PoolKey = tuple[Address, tuple | None]  # the address, and for mTLS our certificate and the expected peer
+
+
 class UpstreamPool:
-    """Keep-alive connections per backend address; one exchange per connection at a time."""
+    """Keep-alive connections per backend address (and TLS identity); one exchange per connection at a time."""
 
     def __init__(self) -> None:
-        self._idle: dict[Address, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = defaultdict(list)
+        self._idle: dict[PoolKey, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = defaultdict(list)
 
-    async def send(self, address: Address, request: http.Request, timeout: float | None) -> http.Response:
+    async def send(
+        self, address: Address, request: http.Request, timeout: float | None, tls: UpstreamTls | None = None
+    ) -> http.Response:
         """The backend's complete response; UpstreamError or TimeoutError otherwise."""
+        key = (address, tls.pool_key if tls else None)
         async with asyncio.timeout(timeout):
-            while self._idle[address]:
-                reader, writer = self._idle[address].pop()
+            while self._idle[key]:
+                reader, writer = self._idle[key].pop()
                 if reader.at_eof() or writer.is_closing():
                     writer.close()
                     continue
                 with contextlib.suppress(_Stale):
-                    return await self._exchange(address, reader, writer, request, reused=True)
-            try:
-                reader, writer = await asyncio.open_connection(*address, limit=MAX_HEAD)
-            except OSError as e:
-                raise UpstreamError("connect-failure", f"cannot connect to {address[0]}:{address[1]}: {e}") from None
-            return await self._exchange(address, reader, writer, request, reused=False)
+                    return await self._exchange(key, reader, writer, request, reused=True)
+            reader, writer = await _connect(address, tls)
+            return await self._exchange(key, reader, writer, request, reused=False)
 
     async def _exchange(
-        self, address: Address, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        self, key: PoolKey, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         request: http.Request, reused: bool,
     ) -> http.Response:
+        address = key[0]
         keep = False
         try:
             writer.write(_request_head(request) + (request.raw_content or b""))
@@ -110,7 +118,7 @@ class UpstreamPool:
             raise UpstreamError("reset", f"{address[0]}:{address[1]} closed or garbled the response: {e}") from None
         finally:
             if keep:
-                idle = self._idle[address]
+                idle = self._idle[key]
                 if len(idle) < MAX_IDLE_PER_BACKEND:
                     idle.append((reader, writer))
                 else:
@@ -129,3 +137,27 @@ class UpstreamPool:
             for _, writer in connections:
                 writer.close()
         self._idle.clear()
+
+
+async def _connect(address: Address, tls: UpstreamTls | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection; with `tls`, an mTLS one whose peer proved the expected mesh identity."""
+    where = f"{address[0]}:{address[1]}"
+    try:
+        reader, writer = await asyncio.open_connection(
+            *address, limit=MAX_HEAD, ssl=tls.context if tls else None, server_hostname="" if tls else None,
+        )
+    except ssl.SSLError as e:
+        assert tls is not None
+        refused = classify(e)
+        tls.record(refused.result)
+        raise UpstreamError("connect-failure", f"{where}: {refused}") from None
+    except OSError as e:
+        raise UpstreamError("connect-failure", f"cannot connect to {where}: {e}") from None
+    if tls is not None:
+        peer = writer.get_extra_info("ssl_object")
+        refused = check_leaf(peer.getpeercert(binary_form=True) if peer else None, tls.expect)
+        tls.record(refused.result if refused else "ok")
+        if refused is not None:
+            writer.close()
+            raise UpstreamError("connect-failure", f"{where}: {refused}")
+    return reader, writer

@@ -12,6 +12,7 @@ import socket
 import ssl
 import sys
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,16 @@ class EchoApp:
         self.server = asyncio.run_coroutine_threadsafe(httpserver.start(self._handle, "127.0.0.1", 0), self.loop).result(10)
         self.port = self.server.sockets[0].getsockname()[1]
         self.name = name
+        self.seen: Counter[str] = Counter()
 
     async def _handle(self, request: Request) -> Reply:
-        return Reply(200, f"{self.name} {request.headers.get(HEADER, '-')}\n".encode())
+        """`/sleep/SECONDS` answers late, `/status/CODE` with that code; every path is counted."""
+        self.seen[request.path] += 1
+        kind, _, value = request.path.strip("/").partition("/")
+        if kind == "sleep":
+            await asyncio.sleep(float(value))
+        code = int(value) if kind == "status" else 200
+        return Reply(code, f"{self.name} {request.headers.get(HEADER, '-')}\n".encode())
 
     def close(self) -> None:
         async def stop() -> None:
@@ -127,12 +135,14 @@ def plaintext_answer(address: tuple[str, int]) -> bytes:
 
 
 def traffic_policy(name: str, host: str, backend: str, *, tls: str = "none", identity: str | None = None,
-                   mode: str | None = None, allow: tuple[str, ...] = ()) -> str:
+                   mode: str | None = None, allow: tuple[str, ...] = (), route: str = "") -> str:
+    """One backend `b`, one route `all`; `route` adds fields to it (flow style, e.g. `timeout: 1s`)."""
     extra = f", tls: {tls}" + (f', identity: "{identity}"' if identity else "")
     text = (
         f"apiVersion: meshlet.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec:\n"
         f"  host: {host}\n  backends:\n    b: {{address: \"{backend}\"{extra}}}\n"
         "  routes:\n    - name: all\n      to: [{backend: b, weight: 100}]\n"
+        + (f"      {route}\n" if route else "")
     )
     if mode:
         text += f"  mtls: {{mode: {mode}, allow: [{', '.join(repr(a) for a in allow)}]}}\n"

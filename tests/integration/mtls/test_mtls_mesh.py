@@ -39,21 +39,24 @@ def mesh(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pair(mesh):
+def app():
     app = EchoApp()
-    try:
-        b_policy = traffic_policy("self", "self", "127.0.0.1:9", mode="STRICT", allow=(FRONTEND,))
-        with run_sidecar(b_policy, "--identity", str(mesh.root / "b"), app_port=app.port) as b:
-            target = f"127.0.0.1:{b.inbound[1]}"
-            with run_sidecar(to_b(target), "--identity", str(mesh.root / "a")) as a:
-                yield a, b, target
-                assert "Traceback" not in a.stderr() + b.stderr()
-    finally:
-        app.close()
+    yield app
+    app.close()
 
 
-def to_b(target: str, identity: str | None = REVIEWS, tls: str = "mesh") -> str:
-    return traffic_policy("reviews", "reviews", target, tls=tls, identity=identity)
+@pytest.fixture(scope="module")
+def pair(mesh, app):
+    b_policy = traffic_policy("self", "self", "127.0.0.1:9", mode="STRICT", allow=(FRONTEND,))
+    with run_sidecar(b_policy, "--identity", str(mesh.root / "b"), app_port=app.port) as b:
+        target = f"127.0.0.1:{b.inbound[1]}"
+        with run_sidecar(to_b(target), "--identity", str(mesh.root / "a")) as a:
+            yield a, b, target
+            assert "Traceback" not in a.stderr() + b.stderr()
+
+
+def to_b(target: str, identity: str | None = REVIEWS, tls: str = "mesh", route: str = "") -> str:
+    return traffic_policy("reviews", "reviews", target, tls=tls, identity=identity, route=route)
 
 
 @pytest.fixture
@@ -119,6 +122,34 @@ def test_plain_backend_to_a_strict_sidecar_is_refused(pair, a_policy):
     a_policy(to_b(target, identity=None, tls="none"))
     status, _ = http_get(a.outbound, host="reviews")
     assert status in (502, 503)
+
+
+# Routes with a deadline or retries go through meshlet's own upstream client, not mitmproxy's:
+# the same mTLS, identity check and metrics must hold there.
+DEADLINE = 'timeout: 500ms\n      retries: {attempts: 2, "on": [5xx]}'
+
+
+def test_route_timeout_and_retries_hold_over_mtls(pair, a_policy, app):
+    a, _, target = pair
+    a_policy(to_b(target, route=DEADLINE))
+    before = outbound_results(a).get("ok", 0)
+    assert http_get(a.outbound, host="reviews") == (200, f"app {FRONTEND}\n")  # B saw A's identity
+    assert outbound_results(a).get("ok", 0) >= before + 1  # and the handshake was counted
+    started = time.monotonic()
+    status, body = http_get(a.outbound, path="/sleep/3", host="reviews")
+    assert (status, time.monotonic() - started < 2.5) == (504, True), body
+    seen = app.seen["/status/503"]
+    status, _ = http_get(a.outbound, path="/status/503", host="reviews")
+    assert (status, app.seen["/status/503"] - seen) == (503, 3)  # the first try and two retries
+
+
+def test_the_upstream_client_refuses_a_peer_with_another_identity(pair, a_policy):
+    a, _, target = pair
+    before = outbound_results(a).get("denied", 0)
+    a_policy(to_b(target, identity=RATINGS, route=DEADLINE))
+    status, body = http_get(a.outbound, host="reviews")
+    assert status == 503 and "app" not in body and RATINGS in body, body
+    assert outbound_results(a).get("denied", 0) == before + 1
 
 
 def serial(sidecar) -> str:

@@ -1,0 +1,91 @@
+"""Mesh mTLS for meshlet's own upstream client (routes with a `timeout` or `retries`).
+
+mitmproxy's server side does mTLS through pyOpenSSL (meshlet.proxy.mtls); the pool in
+meshlet.proxy.upstream is plain asyncio, which speaks the standard library's `ssl`. Both must
+judge a peer alike: OpenSSL checks the chain against the mesh bundle and the validity dates
+during the handshake, then the leaf's SPIFFE ID must be the backend's `identity` when it names
+one. The results are the same labels `meshlet_mtls_handshakes_total` uses for the other path.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshlet.mtls.files import Identity
+from meshlet.mtls.verify import Result, identity_of
+
+# X509_V_ERR_* codes OpenSSL reports for dates (the rest of a failed verification is the CA's).
+_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED = 9, 10
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """How to reach one mesh backend: the client context, the identity it must prove, and where
+    handshake results are counted. `pool_key` separates pooled connections by our certificate
+    and the expected peer, so a rotated identity or a changed `identity` opens new ones."""
+
+    context: ssl.SSLContext
+    serial: str  # of our certificate
+    expect: str | None
+    record: Callable[[Result], None]
+
+    @property
+    def pool_key(self) -> tuple:
+        return (self.serial, self.expect)
+
+
+class MeshHandshakeError(Exception):
+    def __init__(self, result: Result, detail: str):
+        super().__init__(f"mTLS handshake refused ({result}): {detail}")
+        self.result = result
+
+
+def client_context(identity: Identity) -> ssl.SSLContext:
+    """A TLS >= 1.2 client context presenting `identity` and trusting only its bundle. Peers are
+    named by SPIFFE ID, not DNS: hostname checks are off, `check_leaf` does the naming."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=_pem(*identity.bundle))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    # load_cert_chain reads files only: a private 0600 file for the moment it takes.
+    with tempfile.TemporaryDirectory(prefix="meshlet-tls-") as directory:
+        chain = Path(directory) / "identity.pem"
+        chain.touch(mode=0o600)
+        key = identity.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        chain.write_bytes(key + _pem(identity.cert).encode())
+        context.load_cert_chain(chain)
+    return context
+
+
+def classify(error: ssl.SSLError) -> MeshHandshakeError:
+    """A failed handshake as the metric label and a line for the 503 body."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        dated = error.verify_code in (_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED)
+        return MeshHandshakeError("expired" if dated else "bad_ca", error.verify_message or str(error))
+    return MeshHandshakeError("no_cert", error.reason or str(error))
+
+
+def check_leaf(der: bytes | None, expect: str | None) -> MeshHandshakeError | None:
+    """None when the verified peer's leaf names the expected SPIFFE ID (or any, with none expected)."""
+    if der is None:
+        return MeshHandshakeError("no_cert", "the backend sent no certificate")
+    found = identity_of(x509.load_der_x509_certificate(der))
+    if found is None:
+        return MeshHandshakeError("denied", "the backend's certificate carries no single valid SPIFFE ID")
+    if expect is not None and found != expect:
+        return MeshHandshakeError("denied", f"the backend is {found}, not {expect}")
+    return None
+
+
+def _pem(*certs: x509.Certificate) -> str:
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
