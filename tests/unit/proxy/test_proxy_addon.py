@@ -129,7 +129,7 @@ def test_buffered_client_only_when_a_deadline_or_replay_needs_it():
     assert not needs_pool(decision(Retries(1, ("connect-failure",))))
     assert needs_pool(decision(Retries(1, ("5xx",))))
     assert needs_pool(decision(timeout=1.0))
-    assert not needs_pool(decision(timeout=1.0, tls="mesh"))
+    assert needs_pool(decision(timeout=1.0, tls="mesh"))  # the buffered client speaks mesh mTLS too
 
 
 def test_h2c_upgrade_is_served_as_http11():
