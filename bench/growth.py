@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.procs import Service, cpu_seconds, free_port, service
-from harness.servers import meshlet_policy, nginx_conf
+from harness.servers import meshlet_policy, start_backends
 from run import MESHLET, SPLIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="meshlet-growth-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        backends = {"v1": free_port(), "v2": free_port()}
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        stack.enter_context(service("nginx", [nginx, "-c", str(nginx_conf(work, backends)), "-p", str(work)],
-                                    list(backends.values()), work / "nginx.log"))
+        backends = start_backends(stack, work)
         policy = meshlet_policy(work, {n: (backends[n], w) for n, w in SPLIT.items()})
         started = time.monotonic()
         try:

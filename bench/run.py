@@ -40,7 +40,7 @@ from pathlib import Path
 
 from harness import load, report
 from harness.procs import Service, cpu_seconds, free_port, peak_rss_bytes, peak_rss_each, service
-from harness.servers import haproxy_conf, meshlet_policy, nginx_conf
+from harness.servers import haproxy_conf, meshlet_policy, start_backends
 from harness.workload import Workload, agent_counter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,10 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     unavailable: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        backends = {"v1": free_port(), "v2": free_port()}
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        stack.enter_context(service("nginx", [nginx, "-c", str(nginx_conf(work, backends)), "-p", str(work)],
-                                    list(backends.values()), work / "nginx.log"))
+        backends = start_backends(stack, work)
         targets: dict[str, Target] = {}  # by target key (meshlet-workers runs as meshlet-2w)
         for name in names:
             try:

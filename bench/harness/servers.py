@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
+
+from harness.procs import free_port, service
+
+
+def start_backends(stack: contextlib.ExitStack, work: Path) -> dict[str, int]:
+    """nginx serving backends v1 and v2 on free ports until `stack` closes; their ports by name."""
+    backends = {"v1": free_port(), "v2": free_port()}
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    stack.enter_context(service("nginx", [nginx, "-c", str(nginx_conf(work, backends)), "-p", str(work)],
+                                list(backends.values()), work / "nginx.log"))
+    return backends
 
 
 def nginx_conf(workdir: Path, ports: dict[str, int]) -> Path:
