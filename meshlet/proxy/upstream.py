@@ -71,12 +71,16 @@ class UpstreamPool:
 
     def __init__(self) -> None:
         self._idle: dict[PoolKey, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = defaultdict(list)
+        self._tls_in_use: dict[Address, tuple] = {}  # per mesh address, the TLS key its pooled connections have
 
     async def send(
         self, address: Address, request: http.Request, timeout: float | None, tls: UpstreamTls | None = None
     ) -> http.Response:
         """The backend's complete response; UpstreamError or TimeoutError otherwise."""
         key = (address, tls.pool_key if tls else None)
+        if tls is not None and self._tls_in_use.setdefault(address, tls.pool_key) != tls.pool_key:
+            self._discard((address, self._tls_in_use[address]))  # made with our previous certificate
+            self._tls_in_use[address] = tls.pool_key
         async with asyncio.timeout(timeout):
             while self._idle[key]:
                 reader, writer = self._idle[key].pop()
@@ -132,11 +136,14 @@ class UpstreamPool:
             response.headers["content-length"] = str(len(body))
         return response
 
+    def _discard(self, key: PoolKey) -> None:
+        for _, writer in self._idle.pop(key, ()):
+            writer.close()
+
     def close(self) -> None:
-        for connections in self._idle.values():
-            for _, writer in connections:
-                writer.close()
-        self._idle.clear()
+        for key in list(self._idle):
+            self._discard(key)
+        self._tls_in_use.clear()
 
 
 async def _connect(address: Address, tls: UpstreamTls | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -4,6 +4,7 @@ server holding certificates from the production CA code, one per way a peer can 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import socket
 import ssl
@@ -28,9 +29,10 @@ NOW = dt.datetime.now(dt.UTC)
 
 
 @contextmanager
-def tls_backend(tmp_path: Path, issued, peers: list[str | None]) -> Iterator[int]:
-    """A one-connection HTTPS server presenting `issued`, requiring a mesh client certificate;
-    appends the client's SPIFFE ID (None when the handshake failed) to `peers`."""
+def tls_backend(tmp_path: Path, issued, peers: list[str | None], connections: int = 1) -> Iterator[int]:
+    """An HTTPS server presenting `issued` and requiring a mesh client certificate, for
+    `connections` connections of one request each; appends to `peers` the client's SPIFFE ID
+    (None when the handshake failed), and "closed" when the client closes a served connection."""
     directory = tmp_path / "server"
     write_identity(directory, issued, authority().cert)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -40,36 +42,58 @@ def tls_backend(tmp_path: Path, issued, peers: list[str | None]) -> Iterator[int
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
 
-    def serve() -> None:
+    def handle(conn: socket.socket) -> None:
         try:
-            conn, _ = listener.accept()
             with context.wrap_socket(conn, server_side=True) as tls:
                 der = tls.getpeercert(binary_form=True)
                 peers.append(identity_of(x509.load_der_x509_certificate(der)) if der else None)
                 tls.recv(65536)
                 tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if tls.recv(65536) == b"":
+                    peers.append("closed")
         except (OSError, ssl.SSLError):
             peers.append(None)
+
+    def serve() -> None:
+        handlers = []
+        for _ in range(connections):
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                conn.settimeout(10)
+                handlers.append(threading.Thread(target=handle, args=(conn,), daemon=True))
+                handlers[-1].start()
+        for handler in handlers:
+            handler.join(10)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
         yield listener.getsockname()[1]
     finally:
-        thread.join(10)
+        thread.join(15)
         listener.close()
 
 
-def mesh_tls(tmp_path: Path, expect: str | None, results: list[str]) -> UpstreamTls:
-    directory = tmp_path / "client"
+def mesh_tls(tmp_path: Path, expect: str | None, results: list[str], name: str = "client") -> UpstreamTls:
+    directory = tmp_path / name
     write_identity(directory, issue(FRONTEND, issued_at=NOW), authority().cert)
     identity = read_identity(directory)
     return UpstreamTls(client_context(identity), identity.serial, expect, results.append)
 
 
+def request() -> http.Request:
+    return http.Request.make("GET", "http://reviews/", headers={"host": "reviews"})
+
+
 def get(port: int, tls: UpstreamTls) -> http.Response:
-    request = http.Request.make("GET", f"http://127.0.0.1:{port}/", headers={"host": "reviews"})
-    return asyncio.run(UpstreamPool().send(("127.0.0.1", port), request, 10.0, tls))
+    async def once() -> http.Response:
+        pool = UpstreamPool()
+        try:
+            return await pool.send(("127.0.0.1", port), request(), 10.0, tls)
+        finally:
+            pool.close()
+
+    return asyncio.run(once())
 
 
 def test_a_mesh_peer_with_the_expected_identity_is_served_and_sees_ours(tmp_path):
@@ -78,7 +102,7 @@ def test_a_mesh_peer_with_the_expected_identity_is_served_and_sees_ours(tmp_path
     with tls_backend(tmp_path, issue(REVIEWS, issued_at=NOW), peers) as port:
         response = get(port, mesh_tls(tmp_path, REVIEWS, results))
     assert (response.status_code, response.content) == (200, b"ok")
-    assert results == ["ok"] and peers == [FRONTEND]
+    assert results == ["ok"] and peers == [FRONTEND, "closed"]
 
 
 @pytest.mark.parametrize(
@@ -97,3 +121,22 @@ def test_a_wrong_peer_is_refused_as_a_connect_failure_and_counted(tmp_path, peer
     assert refused.value.condition == "connect-failure"
     assert results == [result]
     assert result in str(refused.value)
+
+
+def test_connections_made_with_a_rotated_out_certificate_are_not_reused(tmp_path):
+    results: list[str] = []
+    peers: list[str | None] = []
+    before, after = mesh_tls(tmp_path, REVIEWS, results, "old"), mesh_tls(tmp_path, REVIEWS, results, "new")
+    assert before.serial != after.serial
+
+    async def rotate(port: int) -> None:
+        pool = UpstreamPool()
+        assert (await pool.send(("127.0.0.1", port), request(), 10.0, before)).status_code == 200
+        assert (await pool.send(("127.0.0.1", port), request(), 10.0, after)).status_code == 200
+        await asyncio.sleep(0.2)  # the old connection's close reaches the server
+        pool.close()
+
+    with tls_backend(tmp_path, issue(REVIEWS, issued_at=NOW), peers, connections=2) as port:
+        asyncio.run(rotate(port))
+    assert results == ["ok", "ok"]  # two handshakes: the second certificate did not ride the first connection
+    assert peers[:3] == [FRONTEND, "closed", FRONTEND]  # the first was closed as soon as the new one was needed
