@@ -66,7 +66,9 @@ def _reexec_optimized(args: argparse.Namespace) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-O", "-m", "meshlet.cli", *sys.argv[1:]])
+    # The console script again when that is what ran, so `ps` and `pkill -f "meshlet run"` still match.
+    entry = [sys.argv[0]] if os.path.basename(sys.argv[0]) == "meshlet" else ["-m", "meshlet.cli"]
+    os.execv(sys.executable, [sys.executable, "-O", *entry, *sys.argv[1:]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -360,9 +360,8 @@ def test_workers_share_the_listener_and_a_dead_worker_is_replaced(backends):
         assert "restarting it" in sidecar.stderr()
 
 
-def _interpreter_flags(pid: int) -> list[str]:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return [a.decode() for a in argv[1 : argv.index(b"meshlet.cli")]] if b"meshlet.cli" in argv else []
+def _command_line(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
 @pytest.mark.parametrize(("env", "optimized"), [({}, True), ({"MESHLET_WORKER_DEBUG": "1"}, False)])
@@ -371,7 +370,9 @@ def test_one_worker_serves_optimized_in_the_same_process_unless_debugging(backen
     still reach it) and still routes; MESHLET_WORKER_DEBUG keeps mitmproxy's checks on."""
     v12 = {"v1": backends.port["v1"], "v2": backends.port["v2"]}
     with run_sidecar(policy("reviews", v12, CANARY), workers=1, env=env) as sidecar:
-        assert ("-O" in _interpreter_flags(sidecar.process.pid)) == optimized
+        argv = _command_line(sidecar.process.pid)
+        assert (argv[1] == "-O") == optimized, argv
+        assert argv[argv.index(MESHLET) + 1] == "run"  # still the console script: `pkill -f "meshlet run"` finds it
         assert sidecar.children() == []
         assert get(sidecar.outbound, host="reviews").status == 200
 
