@@ -68,7 +68,10 @@ def _reexec_optimized(args: argparse.Namespace) -> None:
     sys.stderr.flush()
     # The console script again when that is what ran, so `ps` and `pkill -f "meshlet run"` still match.
     entry = [sys.argv[0]] if os.path.basename(sys.argv[0]) == "meshlet" else ["-m", "meshlet.cli"]
-    os.execv(sys.executable, [sys.executable, "-O", *entry, *sys.argv[1:]])
+    try:
+        os.execv(sys.executable, [sys.executable, "-O", *entry, *sys.argv[1:]])
+    except OSError as e:  # e.g. an interpreter path this user may not execute again: serve unoptimized
+        print(f"meshlet: serving without -O: cannot re-execute {sys.executable}: {e.strerror}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,13 +37,13 @@ def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
 
     from meshlet.proxy.h2c import RefuseH2c
     from meshlet.proxy.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
-    from meshlet.proxy.tunnel import PassThroughTls
+    from meshlet.proxy.tunnel import PassThrough
 
     mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry,
                            config.ca_dir)
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     return [
-        core.Core(), proxyserver.Proxyserver(), *mtls, RefuseH2c(), PassThroughTls(), next_layer.NextLayer(),
+        core.Core(), proxyserver.Proxyserver(), *mtls, RefuseH2c(), PassThrough(), next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         routing,
     ]

@@ -1,36 +1,76 @@
-"""TLS the app originates itself is relayed untouched, never intercepted.
+"""Traffic the sidecar cannot read is relayed untouched, never intercepted or refused.
 
-An app reaching an HTTPS service through the sidecar as its HTTP proxy (`HTTP_PROXY`,
-`HTTPS_PROXY`) opens a CONNECT tunnel and starts TLS inside it. mitmproxy would answer that
-ClientHello with a certificate from its own CA, which no app trusts: the call fails. A sidecar
-cannot see inside the app's TLS and must not pretend to, so the tunnel becomes a plain byte
-relay to the CONNECT target: the app's certificate checks, ALPN (HTTP/2 included) and session
-stay end to end. (Istio passes such traffic through at L4 too; policies route what the sidecar
-can read: HTTP, and mesh mTLS it originates itself.)
+Two ways such traffic reaches the outbound listener:
+- An app reaching an HTTPS service with the sidecar as its HTTP proxy (`HTTPS_PROXY`) opens a
+  CONNECT tunnel and starts TLS inside it. mitmproxy would answer that ClientHello with a
+  certificate from its own CA, which no app trusts, and the call would fail.
+- In a Pod, the init container's iptables rules redirect all outbound TCP here: TLS to an
+  external API, a database protocol. They arrive with no CONNECT and no Host header; where they
+  were going is the socket's SO_ORIGINAL_DST (what mitmproxy's transparent mode reads).
+Either way the connection becomes a plain byte relay to its real destination: the app's
+certificate checks, ALPN (HTTP/2 included) and sessions stay end to end. Istio passes such
+traffic through at L4 too; policies route what the sidecar can read: HTTP, and mesh mTLS it
+originates itself. Server-first protocols (the server speaks before the client) are not
+detected: a redirected connection must send its first bytes before the relay starts.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 
+from mitmproxy import ctx, platform
 from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import context as proxy_context
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.mode_specs import RegularMode
 
 log = logging.getLogger("meshlet.proxy")
 
 
-class PassThroughTls:
+def looks_like_http(data: bytes) -> bool:
+    """An HTTP/1 request starts with its method, an upper-case token (`GET`, `CONNECT`, ...)."""
+    return not starts_like_tls_record(data) and data[:1].isupper()
+
+
+def original_destination(context: proxy_context.Context) -> tuple[str, int] | None:
+    """Where an iptables-redirected client connection was going; None when it was not redirected.
+
+    mitmproxy keeps the client socket in its connection handler (internals; the sidecar tests
+    fail loudly if they move): SO_ORIGINAL_DST needs the socket itself.
+    """
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(context.client.id) if proxyserver else None
+    io = handler.transports.get(context.client) if handler else None
+    sock: socket.socket | None = io.writer.get_extra_info("socket") if io and io.writer else None
+    if sock is None or platform.original_addr is None:
+        return None
+    try:
+        host, port, *_ = platform.original_addr(sock)
+    except OSError:  # no NAT record: a direct connection
+        return None
+    if (host, port) == tuple(sock.getsockname()[:2]):
+        return None
+    return host, port
+
+
+class PassThrough:
     """Must come before mitmproxy's NextLayer addon, which steps aside when a layer is set."""
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
-        if (
-            nextlayer.layer is None
-            and isinstance(context.client.proxy_mode, RegularMode)
-            and context.server.address is not None  # inside a CONNECT tunnel: the target is known
-            and starts_like_tls_record(nextlayer.data_client())
-        ):
-            host, port = context.server.address[:2]
-            log.debug("passing the app's own TLS to %s:%d through untouched", host, port)
-            nextlayer.layer = layers.TCPLayer(context, ignore=True)
+        if nextlayer.layer is not None or not isinstance(context.client.proxy_mode, RegularMode):
+            return
+        data = nextlayer.data_client()
+        if context.server.address is not None:  # inside a CONNECT tunnel: the target is known
+            if starts_like_tls_record(data):
+                nextlayer.layer = layers.TCPLayer(context, ignore=True)
+            return
+        if looks_like_http(data):
+            return  # a Host-header or absolute-form request: routed by policy
+        destination = original_destination(context)
+        if destination is None:
+            return  # sent to the listener itself: mitmproxy answers that it is not HTTP
+        log.debug("relaying a non-HTTP connection to %s:%d untouched", *destination)
+        context.server.address = destination
+        nextlayer.layer = layers.TCPLayer(context, ignore=True)

@@ -25,3 +25,16 @@ def test_abbreviated_options_are_refused_not_guessed(argv, capsys):
 def test_full_option_names_still_parse():
     args = build_parser().parse_args(["run", "--metrics-compat", "istio", "--workers", "2"])
     assert (args.metrics_compat, args.workers) == ("istio", 2)
+
+
+def test_a_failed_optimizing_re_exec_serves_on_with_a_warning(monkeypatch, capsys):
+    from meshlet import cli
+
+    def refuse(*_):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.os, "execv", refuse)
+    monkeypatch.setattr(cli.sys, "flags", type("Flags", (), {"optimize": 0})())
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    cli._reexec_optimized(build_parser().parse_args(["run", "--policy", "p.yaml", "--workers", "1"]))
+    assert "serving without -O" in capsys.readouterr().err
