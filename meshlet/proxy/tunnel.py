@@ -17,13 +17,12 @@ detected: a redirected connection must send its first bytes before the relay sta
 from __future__ import annotations
 
 import logging
-import socket
 
-from mitmproxy import ctx, platform
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import context as proxy_context
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.mode_specs import RegularMode
+
+from meshlet.proxy.origdst import original_destination
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -31,27 +30,6 @@ log = logging.getLogger("meshlet.proxy")
 def looks_like_http(data: bytes) -> bool:
     """An HTTP/1 request starts with its method, an upper-case token (`GET`, `CONNECT`, ...)."""
     return not starts_like_tls_record(data) and data[:1].isupper()
-
-
-def original_destination(context: proxy_context.Context) -> tuple[str, int] | None:
-    """Where an iptables-redirected client connection was going; None when it was not redirected.
-
-    mitmproxy keeps the client socket in its connection handler (internals; the sidecar tests
-    fail loudly if they move): SO_ORIGINAL_DST needs the socket itself.
-    """
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(context.client.id) if proxyserver else None
-    io = handler.transports.get(context.client) if handler else None
-    sock: socket.socket | None = io.writer.get_extra_info("socket") if io and io.writer else None
-    if sock is None or platform.original_addr is None:
-        return None
-    try:
-        host, port, *_ = platform.original_addr(sock)
-    except OSError:  # no NAT record: a direct connection
-        return None
-    if (host, port) == tuple(sock.getsockname()[:2]):
-        return None
-    return host, port
 
 
 class PassThrough:
@@ -68,7 +46,7 @@ class PassThrough:
             return
         if looks_like_http(data):
             return  # a Host-header or absolute-form request: routed by policy
-        destination = original_destination(context)
+        destination = original_destination(context.client)
         if destination is None:
             return  # sent to the listener itself: mitmproxy answers that it is not HTTP
         log.debug("relaying a non-HTTP connection to %s:%d untouched", *destination)

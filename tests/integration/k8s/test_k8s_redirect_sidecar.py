@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from podnet_support import CFG, NEEDS, PEER_IP, as_uid, pod_network, sh
+from podnet_support import CFG, NEEDS, PEER_IP, POD_IP, as_uid, pod_network, sh
 
 from meshlet.mtls.ca import issue_workload, new_authority
 from meshlet.mtls.files import write_identity
@@ -67,6 +67,23 @@ serve(443, https); serve(5432, echo); serve(8080, http)
 print("ready", flush=True)
 sys.stdin.read()
 """
+APP = r"""
+import socket, sys, threading
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", port)); s.listen(16)
+    def loop():
+        while True:
+            c, _ = s.accept()
+            with c:
+                c.recv(4096)
+                body = f"app:{port}".encode()
+                c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    threading.Thread(target=loop, daemon=True).start()
+for port in sys.argv[1:]:
+    serve(int(port))
+print("ready", flush=True)
+sys.stdin.read()
+"""
 TLS_CLIENT = r"""
 import socket, ssl, sys
 ctx = ssl.create_default_context(cafile=sys.argv[1]); ctx.check_hostname = False; ctx.set_alpn_protocols(sys.argv[2].split(","))
@@ -99,6 +116,7 @@ def pod():
         os.chmod(work, 0o755)
         write_identity(work / "tls", issue_workload(authority, SERVER_ID, now), authority.cert)
         net.start(net.peer, PEER, str(work / "tls" / "cert.pem"), str(work / "tls" / "key.pem"))
+        net.start(net.pod, APP, "8080", "9090")  # the app: two ports, `--app` names only the first
         home = work / "home"
         home.mkdir()
         os.chown(home, CFG.uid, CFG.uid)
@@ -157,3 +175,11 @@ def test_http_is_still_routed_by_policy_and_unknown_hosts_pass_through(pod):
         answer = app(net, RAW_CLIENT, PEER_IP, "8080", request)
         assert answer.startswith("HTTP/1.1 200") and answer.endswith("peer"), (host, answer)
     assert "Traceback" not in log.read_text()
+
+
+def test_inbound_requests_reach_the_app_port_they_were_sent_to(pod):
+    net, _, log = pod
+    for port in (8080, 9090):
+        request = f"GET / HTTP/1.1\r\nHost: {POD_IP}:{port}\r\nConnection: close\r\n\r\n".encode().hex()
+        result = sh("ip", "netns", "exec", net.peer, sys.executable, "-c", RAW_CLIENT, POD_IP, str(port), request)
+        assert result.stdout.strip().endswith(f"app:{port}"), (port, result.stdout, log.read_text()[-2000:])
