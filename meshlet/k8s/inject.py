@@ -85,11 +85,15 @@ def _inject_workload(obj: Mapping, kind: str, cfg: InjectConfig) -> Injected:
     if _opted_out(obj) or _opted_out(template):
         return Injected(obj, "opted-out", f'{OPT_OUT}: "false"', kind, name)
     problem = why_not(template["spec"], cfg)
+    try:
+        bypass = sidecar.bypass_from(_get(template, ("metadata", "annotations")))
+    except ValueError as e:
+        problem = problem or str(e)
     if problem:
         return Injected(obj, "cannot-inject", problem, kind, name)
     out = copy.deepcopy(dict(obj))
     new_template = _get(out, TEMPLATE_PATHS[kind])
-    _inject_pod(new_template, cfg)
+    _inject_pod(new_template, cfg, bypass)
     if out == obj:
         return Injected(obj, "unchanged", "already injected", kind, name)
     return Injected(out, "injected", kind=kind, name=name)
@@ -120,7 +124,7 @@ def why_not(spec: Mapping, cfg: InjectConfig) -> str:
     return ""
 
 
-def _inject_pod(template: dict, cfg: InjectConfig) -> None:
+def _inject_pod(template: dict, cfg: InjectConfig, bypass: sidecar.Bypass) -> None:
     """Mutate a deep-copied Pod (or Pod template) in place: strip old injection, add the new one."""
     metadata = template.setdefault("metadata", {})
     if not isinstance(metadata, dict):
@@ -132,7 +136,9 @@ def _inject_pod(template: dict, cfg: InjectConfig) -> None:
     inits = [c for c in _list(spec.get("initContainers")) if _name_of(c) not in sidecar.CONTAINER_NAMES]
     volumes = [v for v in _list(spec.get("volumes")) if _name_of(v) not in sidecar.VOLUME_NAMES]
     spec["containers"] = containers
-    spec["initContainers"] = [sidecar.init_container(cfg), sidecar.proxy_container(cfg, _app_port(containers)), *inits]
+    spec["initContainers"] = [
+        sidecar.init_container(cfg, bypass), sidecar.proxy_container(cfg, _app_port(containers)), *inits,
+    ]
     account = spec.get("serviceAccountName") if isinstance(spec.get("serviceAccountName"), str) else "default"
     spec["volumes"] = [*volumes, *sidecar.volumes(cfg, account)]
 

@@ -10,6 +10,7 @@ wire shape, ready to be placed into a Pod spec.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshlet import __version__
@@ -144,7 +145,40 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
     }
 
 
-def redirect_script(cfg: InjectConfig) -> str:
+# Pod annotations naming ports the redirect leaves alone, as Istio's excludeInboundPorts /
+# excludeOutboundPorts: for protocols the sidecar cannot relay (server-first ones such as MySQL
+# or SMTP, where the client waits for the server) or traffic that must not pay for a proxy.
+EXCLUDE_INBOUND = "meshlet.dev/exclude-inbound-ports"
+EXCLUDE_OUTBOUND = "meshlet.dev/exclude-outbound-ports"
+
+
+@dataclass(frozen=True, slots=True)
+class Bypass:
+    inbound: tuple[int, ...] = ()
+    outbound: tuple[int, ...] = ()
+
+
+NO_BYPASS = Bypass()
+
+
+def bypass_from(annotations: object) -> Bypass:
+    """The excluded ports a Pod's annotations name; ValueError names the annotation and its value."""
+    if not isinstance(annotations, Mapping):
+        return Bypass()
+    return Bypass(_ports(annotations, EXCLUDE_INBOUND), _ports(annotations, EXCLUDE_OUTBOUND))
+
+
+def _ports(annotations: Mapping, key: str) -> tuple[int, ...]:
+    text = annotations.get(key)
+    if text is None:
+        return ()
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not all(item.isdigit() and 1 <= int(item) <= 65535 for item in items):
+        raise ValueError(f"annotation {key}: {text!r} is not a comma-separated list of ports (1-65535)")
+    return tuple(sorted({int(item) for item in items}))
+
+
+def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
     """The shell script that captures the Pod's TCP: inbound → inbound port, outbound → outbound port.
 
     Safe to run twice in the same network namespace (an init container retried after a
@@ -156,10 +190,12 @@ def redirect_script(cfg: InjectConfig) -> str:
     rules = [
         f"ipt -A {inbound} -p tcp --dport {cfg.admin_port} -j RETURN",
         f"ipt -A {inbound} -p tcp --dport {cfg.inbound_port} -j RETURN",
+        *(f"ipt -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
         f"ipt -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
         f"ipt -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
         f"ipt -A {outbound} -d 127.0.0.0/8 -j RETURN",
         f"ipt -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
+        *(f"ipt -A {outbound} -p tcp --dport {port} -j RETURN" for port in bypass.outbound),
         f"ipt -A {outbound} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}",
     ]
     return "\n".join([
@@ -173,13 +209,13 @@ def redirect_script(cfg: InjectConfig) -> str:
     ])
 
 
-def init_container(cfg: InjectConfig) -> dict:
+def init_container(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> dict:
     """Runs once before the sidecar, as root with only NET_ADMIN/NET_RAW, to install the redirect."""
     return {
         "name": INIT_NAME,
         "image": cfg.image,
         "imagePullPolicy": cfg.image_pull_policy,
-        "command": ["/bin/sh", "-c", redirect_script(cfg)],
+        "command": ["/bin/sh", "-c", redirect_script(cfg, bypass)],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
         "securityContext": {
             "runAsUser": 0,

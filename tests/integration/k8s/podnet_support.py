@@ -54,9 +54,10 @@ class PodNet:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         return proc
 
-    def install_redirect(self) -> str:
+    def install_redirect(self, bypass: sidecar.Bypass = sidecar.NO_BYPASS) -> str:
         """The injected init container's script, run in the Pod namespace; the nat table after it."""
-        result = sh("ip", "netns", "exec", self.pod, "/bin/sh", "-c", sidecar.redirect_script(CFG), check=False)
+        script = sidecar.redirect_script(CFG, bypass)
+        result = sh("ip", "netns", "exec", self.pod, "/bin/sh", "-c", script, check=False)
         assert result.returncode == 0, result.stderr
         return sh("ip", "netns", "exec", self.pod, "iptables", "-t", "nat", "-S").stdout
 

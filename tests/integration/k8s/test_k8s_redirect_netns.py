@@ -12,6 +12,8 @@ import sys
 import pytest
 from podnet_support import CFG, NEEDS, PEER_IP, POD_IP, as_uid, pod_network, sh
 
+from meshlet.k8s import sidecar
+
 pytestmark = NEEDS
 
 SERVER = r"""
@@ -77,3 +79,11 @@ def test_running_the_script_twice_leaves_the_same_rules(namespaces):
     first = namespaces.install_redirect()
     assert namespaces.install_redirect() == first
     assert first.count("-j MESHLET_INBOUND") == 1 and first.count("-j MESHLET_OUTPUT") == 1
+
+
+def test_excluded_ports_bypass_the_sidecar_both_ways(namespaces):
+    namespaces.install_redirect(sidecar.Bypass(inbound=(8080,), outbound=(8080,)))
+    pod, peer = namespaces.pod, namespaces.peer
+    assert reached(pod, PEER_IP, 8080) == "peer", "an excluded outbound port goes straight out"
+    assert connect(pod, PEER_IP, 80) == f"outbound {PEER_IP}:80", "other ports are still captured"
+    assert reached(peer, POD_IP, 8080) == "app", "an excluded inbound port reaches the app directly"

@@ -122,6 +122,30 @@ def test_redirect_script_excludes_proxy_uid_and_admin_port():
     assert "REDIRECT --to-ports 16006" in script and "REDIRECT --to-ports 16001" in script
 
 
+def test_excluded_ports_from_annotations_bypass_the_redirect():
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"template": {
+        "metadata": {"annotations": {sidecar.EXCLUDE_OUTBOUND: "3306, 25,", sidecar.EXCLUDE_INBOUND: "9090"}},
+        "spec": {"containers": [{"name": "a", "image": "a"}]}}}}
+    obj, (result,) = inject_document(deployment, CFG)
+    assert result.outcome == "injected"
+    script = pod_spec(obj)["initContainers"][0]["command"][-1].splitlines()
+    redirect_out = script.index(f"ipt -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports {CFG.outbound_port}")
+    redirect_in = script.index(f"ipt -A MESHLET_INBOUND -p tcp -j REDIRECT --to-ports {CFG.inbound_port}")
+    for port in (25, 3306):  # before the catch-all REDIRECT, or they would never match
+        assert script.index(f"ipt -A MESHLET_OUTPUT -p tcp --dport {port} -j RETURN") < redirect_out
+    assert script.index("ipt -A MESHLET_INBOUND -p tcp --dport 9090 -j RETURN") < redirect_in
+    assert not any("--dport 9090" in line for line in script if "MESHLET_OUTPUT" in line)
+
+
+@pytest.mark.parametrize("value", ["mysql", "70000", "0", "33 06", "-1"])
+def test_a_malformed_exclusion_is_refused_with_the_annotation_named(value):
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "annotations": {sidecar.EXCLUDE_OUTBOUND: value}},
+           "spec": {"containers": [{"name": "a", "image": "a"}]}}
+    result = inject_pod(pod, CFG)
+    assert result.outcome == "cannot-inject"
+    assert sidecar.EXCLUDE_OUTBOUND in result.reason and repr(value) in result.reason
+
+
 def test_every_workload_kind_gets_the_sidecar():
     injected = [yaml.safe_load_all(inject_text(p.read_text())) for p in MANIFESTS]
     kinds = set()
