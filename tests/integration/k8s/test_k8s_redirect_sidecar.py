@@ -25,18 +25,10 @@ from meshlet.mtls.files import write_identity
 
 pytestmark = [*NEEDS, pytest.mark.timeout(120)]
 SERVER_ID = "spiffe://example.test/ns/ext/sa/payments"
-POLICY = """\
-apiVersion: meshlet.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: reviews}
-spec:
-  host: reviews
-  backends:
-    v1: {address: "192.0.2.2:8080"}
-  routes:
-    - name: all
-      to: [{backend: v1}]
-"""
+POLICY = (  # HTTP for `reviews` goes to the peer's 8080, like any other host would
+    "apiVersion: meshlet.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: reviews}\n"
+    'spec: {host: reviews, backends: {v1: {address: "192.0.2.2:8080"}}, routes: [{name: all, to: [{backend: v1}]}]}\n'
+)
 
 PEER = r"""
 import socket, ssl, sys, threading
