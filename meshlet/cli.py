@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from meshlet import __version__
 from meshlet.commands import CommandError
+from meshlet.proxy.optimize import reexec_optimized
 
 # One line per command module; order is the order of `meshlet --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -53,25 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Keeps mitmproxy's `if __debug__` checks on in a sidecar that serves requests (see meshlet.proxy.lean).
-DEBUG_ENV = "MESHLET_WORKER_DEBUG"
-
-
 def _reexec_optimized(args: argparse.Namespace) -> None:
     """A command that serves requests in this process (`run --workers 1`) sets `optimize`: the
-    same command line runs again under `python -O`, which drops mitmproxy's per-request asserts
-    and type checks (about a quarter of a worker's throughput), as the multi-worker path does."""
+    same command line runs again under `python -O` (meshlet.proxy.optimize)."""
     wants = getattr(args, "optimize", None)
-    if wants is None or sys.flags.optimize or os.environ.get(DEBUG_ENV) or not wants(args):
+    if wants is None or not wants(args):
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
     # The console script again when that is what ran, so `ps` and `pkill -f "meshlet run"` still match.
     entry = [sys.argv[0]] if os.path.basename(sys.argv[0]) == "meshlet" else ["-m", "meshlet.cli"]
-    try:
-        os.execv(sys.executable, [sys.executable, "-O", *entry, *sys.argv[1:]])
-    except OSError as e:  # e.g. an interpreter path this user may not execute again: serve unoptimized
-        print(f"meshlet: serving without -O: cannot re-execute {sys.executable}: {e.strerror}", file=sys.stderr)
+    reexec_optimized([*entry, *sys.argv[1:]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

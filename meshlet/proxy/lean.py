@@ -7,8 +7,8 @@ dispatch was ~20% of a request; `LeanAddons` looks each hook's handlers up once 
 skips hooks nobody listens to. Errors in a handler are logged as mitmproxy's `safecall` does.
 
 The other switch is the interpreter's: mitmproxy type-checks every field of every request and
-response it builds, and asserts throughout its proxy core, only `if __debug__`. Workers run
-optimized (`-O`, meshlet.proxy.worker re-executes itself so); the checks stay on in tests.
+response it builds, and asserts throughout its proxy core, only `if __debug__`. Whatever serves
+requests runs optimized (`-O`, meshlet.proxy.optimize); the checks stay on in tests.
 """
 
 from __future__ import annotations

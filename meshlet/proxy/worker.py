@@ -4,20 +4,17 @@ The supervisor writes `{"config": ..., "policy": TEXT, "generation": N}` to stdi
 binds the shared listeners with SO_REUSEPORT, its admin API on a private loopback port, and
 answers one JSON line on stdout: `{"ready": {...}}` or `{"error": "one line"}`.
 Metrics go to the supervisor's PROMETHEUS_MULTIPROC_DIR (set in our environment).
-A worker runs optimized (`-O`, re-executing itself if started without): mitmproxy's per-request
-type checks and asserts exist only `if __debug__` (see meshlet.proxy.lean); MESHLET_WORKER_DEBUG=1
-keeps them on.
+A worker runs optimized (`-O`, re-executing itself if started without: meshlet.proxy.optimize).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 
-from meshlet.cli import DEBUG_ENV
 from meshlet.policy import PolicyInvalid
+from meshlet.proxy.optimize import reexec_optimized
 
 
 def _say(message: dict) -> None:
@@ -26,8 +23,7 @@ def _say(message: dict) -> None:
 
 
 def main() -> int:
-    if not sys.flags.optimize and not os.environ.get(DEBUG_ENV):
-        os.execv(sys.executable, [sys.executable, "-O", "-m", "meshlet.proxy.worker"])  # stdin (the job) is kept
+    reexec_optimized(["-m", "meshlet.proxy.worker"])  # stdin (the job) is kept
     from meshlet.proxy.config import config_from_json
     from meshlet.proxy.master import StartupError, serve, setup_logging
     from meshlet.proxy.reuseport import enable_reuse_port

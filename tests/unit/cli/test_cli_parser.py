@@ -29,12 +29,13 @@ def test_full_option_names_still_parse():
 
 def test_a_failed_optimizing_re_exec_serves_on_with_a_warning(monkeypatch, capsys):
     from meshlet import cli
+    from meshlet.proxy import optimize
 
     def refuse(*_):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.os, "execv", refuse)
-    monkeypatch.setattr(cli.sys, "flags", type("Flags", (), {"optimize": 0})())
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(optimize.os, "execv", refuse)
+    monkeypatch.setattr(optimize.sys, "flags", type("Flags", (), {"optimize": 0})())
+    monkeypatch.delenv(optimize.DEBUG_ENV, raising=False)
     cli._reexec_optimized(build_parser().parse_args(["run", "--policy", "p.yaml", "--workers", "1"]))
     assert "serving without -O" in capsys.readouterr().err
