@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshlet.mtls.files import Identity
-from meshlet.mtls.verify import Result, identity_of
+from meshlet.mtls.verify import Result, judge_identity
 
 # X509_V_ERR_* codes OpenSSL reports for dates (the rest of a failed verification is the CA's).
 _CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED = 9, 10
@@ -79,12 +79,8 @@ def check_leaf(der: bytes | None, expect: str | None) -> MeshHandshakeError | No
     """None when the verified peer's leaf names the expected SPIFFE ID (or any, with none expected)."""
     if der is None:
         return MeshHandshakeError("no_cert", "the backend sent no certificate")
-    found = identity_of(x509.load_der_x509_certificate(der))
-    if found is None:
-        return MeshHandshakeError("denied", "the backend's certificate carries no single valid SPIFFE ID")
-    if expect is not None and found != expect:
-        return MeshHandshakeError("denied", f"the backend is {found}, not {expect}")
-    return None
+    verdict = judge_identity(x509.load_der_x509_certificate(der), (expect,) if expect else ())
+    return None if verdict.ok else MeshHandshakeError(verdict.result, verdict.detail)
 
 
 def _pem(*certs: x509.Certificate) -> str:

@@ -55,11 +55,17 @@ def verify_peer(
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             when = f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}..{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
             return Verdict("expired", detail=f"certificate serial {cert.serial_number:x} valid only {when}")
-    identity = identity_of(chain[0])
+    return judge_identity(chain[0], allow)
+
+
+def judge_identity(leaf: x509.Certificate, allow: Collection[str] = ()) -> Verdict:
+    """The last of `verify_peer`'s checks, alone, for a peer whose chain and dates were already
+    verified (by OpenSSL, in meshlet's own upstream client): one SPIFFE ID, and in `allow`."""
+    identity = identity_of(leaf)
     if identity is None:
         return Verdict("denied", detail="the certificate carries no single valid SPIFFE ID")
     if allow and identity not in allow:
-        return Verdict("denied", identity, detail=f"{identity} is not allowed")
+        return Verdict("denied", identity, detail=f"{identity} is not allowed (expected {' or '.join(sorted(allow))})")
     return Verdict("ok", identity)
 
 
