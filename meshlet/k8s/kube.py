@@ -7,10 +7,11 @@ the functions, so commands that never touch a cluster do not pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -97,6 +98,20 @@ def _reason(e: Exception) -> str:
     return str(getattr(e, "reason", None) or e)
 
 
+@contextlib.contextmanager
+def api_call(what: str) -> Iterator[None]:
+    """The client's failures inside as one-line KubeErrors: `WHAT: <the API server's message>`,
+    or that the API cannot be reached."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        yield
+    except ApiException as e:
+        raise KubeError(f"{what}: {_describe(e)}") from None
+    except _unreachable() as e:
+        raise KubeError(f"cannot reach the Kubernetes API: {_reason(e)}") from None
+
+
 # -- apply ---------------------------------------------------------------------------------------
 
 
@@ -137,7 +152,7 @@ def apply(cluster: Cluster, doc: dict) -> Applied:
     target = (GROUP, VERSION, namespace, plural, name) if scoped else (GROUP, VERSION, plural, name)
     get = api.get_namespaced_custom_object if scoped else api.get_cluster_custom_object
     patch = api.patch_namespaced_custom_object if scoped else api.patch_cluster_custom_object
-    try:
+    with api_call(f"{kind.lower()}.{GROUP}/{name}"):
         try:
             before = get(*target)
         except ApiException as e:
@@ -146,10 +161,6 @@ def apply(cluster: Cluster, doc: dict) -> Applied:
             before = None
         after = patch(*target, doc, field_manager=FIELD_MANAGER, force=True,
                       _content_type="application/apply-patch+yaml")
-    except ApiException as e:
-        raise KubeError(f"{kind.lower()}.{GROUP}/{name}: {_describe(e)}") from None
-    except _unreachable() as e:
-        raise KubeError(f"cannot reach the Kubernetes API: {_reason(e)}") from None
     if before is None:
         return "created"
     same = before["metadata"].get("resourceVersion") == after["metadata"].get("resourceVersion")

@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-from meshlet.k8s.kube import GROUP, PLURALS, VERSION, Cluster, KubeError, _describe, _reason, _unreachable
+from meshlet.k8s.kube import GROUP, PLURALS, VERSION, Cluster, KubeError, api_call
 from meshlet.k8s.lease import LeaseElector, micro_time
 from meshlet.policy.model import Rollout
 from meshlet.rollout.controller import _state_from_json, _state_to_json
@@ -93,33 +93,20 @@ def _rank(doc: dict) -> tuple[bool, float]:
 
 def write(cluster: Cluster, namespace: str, policy: str, spec: Rollout, state: RolloutState, at: str) -> dict:
     """Record one transition on the TrafficPolicy `policy`; returns the stored object. Raises KubeError."""
-    from kubernetes.client.exceptions import ApiException
-
     api = cluster.api
     target = (GROUP, VERSION, namespace, PLURALS["TrafficPolicy"], policy)
-    try:
+    with api_call(f"trafficpolicy.{GROUP}/{policy}: cannot record rollout"):
         obj = api.get_namespaced_custom_object(*target, _request_timeout=TIMEOUT)
         generation = (obj.get("metadata") or {}).get("generation")
         status = with_rollout(obj.get("status"), spec, state, at, generation)
         return api.patch_namespaced_custom_object_status(*target, {"status": status}, _request_timeout=TIMEOUT)
-    except ApiException as e:
-        raise KubeError(f"trafficpolicy.{GROUP}/{policy}: cannot record rollout: {_describe(e)}") from None
-    except _unreachable() as e:
-        raise KubeError(f"cannot reach the Kubernetes API: {_reason(e)}") from None
 
 
 def read(cluster: Cluster, namespace: str) -> dict[str, dict]:
     """The recorded rollouts of the namespace's TrafficPolicies (see `recorded`). Raises KubeError."""
-    from kubernetes.client.exceptions import ApiException
-
-    api = cluster.api
-    try:
-        listing = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS["TrafficPolicy"],
-                                                   _request_timeout=TIMEOUT)
-    except ApiException as e:
-        raise KubeError(f"cannot list trafficpolicies.{GROUP}: {_describe(e)}") from None
-    except _unreachable() as e:
-        raise KubeError(f"cannot reach the Kubernetes API: {_reason(e)}") from None
+    with api_call(f"cannot list trafficpolicies.{GROUP}"):
+        listing = cluster.api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS["TrafficPolicy"],
+                                                           _request_timeout=TIMEOUT)
     return recorded(listing.get("items") or [])
 
 
@@ -212,12 +199,6 @@ def status_from(obj: dict, route: str | None = None) -> dict:
 
 def get_policy(cluster: Cluster, namespace: str | None, name: str) -> dict:
     """One TrafficPolicy as stored, status included. Raises KubeError."""
-    from kubernetes.client.exceptions import ApiException
-
     target = (GROUP, VERSION, namespace or cluster.namespace, PLURALS["TrafficPolicy"], name)
-    try:
+    with api_call(f"trafficpolicy.{GROUP}/{name}"):
         return cluster.api.get_namespaced_custom_object(*target, _request_timeout=TIMEOUT)
-    except ApiException as e:
-        raise KubeError(f"trafficpolicy.{GROUP}/{name}: {_describe(e)}") from None
-    except _unreachable() as e:
-        raise KubeError(f"cannot reach the Kubernetes API: {_reason(e)}") from None
