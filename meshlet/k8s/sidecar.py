@@ -164,7 +164,7 @@ NO_BYPASS = Bypass()
 def bypass_from(annotations: object) -> Bypass:
     """The excluded ports a Pod's annotations name; ValueError names the annotation and its value."""
     if not isinstance(annotations, Mapping):
-        return Bypass()
+        return NO_BYPASS
     return Bypass(_ports(annotations, EXCLUDE_INBOUND), _ports(annotations, EXCLUDE_OUTBOUND))
 
 

@@ -185,8 +185,8 @@ class Routing:
             exchange.backend = backend.name
             attempt += 1
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            tls = self.upstream_tls(backend) if backend.tls == "mesh" else None
-            if backend.tls == "mesh" and tls is None:
+            tls = None
+            if backend.tls == "mesh" and (tls := self.upstream_tls(backend)) is None:
                 return responses.unavailable(backend.name, "it needs mesh mTLS; this sidecar runs without --identity")
             try:
                 response = await self.pool.send((backend.address.host, backend.address.port), request, remaining, tls)

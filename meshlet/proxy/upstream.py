@@ -78,8 +78,10 @@ class UpstreamPool:
     ) -> http.Response:
         """The backend's complete response; UpstreamError or TimeoutError otherwise."""
         key = (address, tls.pool_key if tls else None)
-        if tls is not None and self._tls_in_use.setdefault(address, tls.pool_key) != tls.pool_key:
-            self._discard((address, self._tls_in_use[address]))  # made with our previous certificate
+        if tls is not None:
+            previous = self._tls_in_use.get(address, tls.pool_key)
+            if previous != tls.pool_key:
+                self._discard((address, previous))  # made with our previous certificate
             self._tls_in_use[address] = tls.pool_key
         async with asyncio.timeout(timeout):
             while self._idle[key]:
