@@ -56,7 +56,7 @@ meshlet demo is running (Ctrl-C stops it).
 async def _demo() -> int:
     from meshlet.proxy.config import SidecarConfig
     from meshlet.proxy.demo_backend import start_backend
-    from meshlet.proxy.master import serve
+    from meshlet.proxy.serve import serve
     from meshlet.proxy.state import compile_policy
     from meshlet.rollout.service import RolloutOptions
 
@@ -76,7 +76,7 @@ async def _demo() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshlet.proxy.master import StartupError, setup_logging
+    from meshlet.proxy.serve import StartupError, setup_logging
 
     setup_logging()
     logging.getLogger("meshlet.proxy").info("starting demo")

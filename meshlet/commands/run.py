@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from meshlet.commands import CommandError
 from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.model import Address
+from meshlet.proxy.engine import ENGINES
 from meshlet.telemetry.proxy import METRICS_COMPAT
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--admin", type=_listen, default="127.0.0.1:15000", metavar="HOST:PORT")
     parser.add_argument("--app", type=_listen, default="127.0.0.1:8080", metavar="HOST:PORT",
                         help="where inbound requests go (the local application)")
+    parser.add_argument("--engine", choices=ENGINES, default="mitmproxy",
+                        help="lean (default: uvloop + httptools, meshlet's own HTTP/1.1 data plane) or mitmproxy "
+                             "(the programmable engine: mitmproxy addons, flow files)")
     parser.add_argument("--strict-hosts", action="store_true",
                         help="answer 404 for hosts no policy governs instead of passing them through")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from meshlet.mtls.reissue import Reissuer
     from meshlet.mtls.requirements import require_identity
     from meshlet.proxy.config import SidecarConfig
-    from meshlet.proxy.master import StartupError, serve, setup_logging
+    from meshlet.proxy.serve import StartupError, run_serve, setup_logging
     from meshlet.proxy.state import compile_policy
     from meshlet.proxy.supervisor import supervise
     from meshlet.rollout.service import RolloutOptions
@@ -148,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app,
         strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
         metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
+        engine=args.engine,
     )
     if args.state_dir is not None:
         try:
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.workers == 1:
-            return asyncio.run(serve(config, applied, ready, rollout))
+            return run_serve(config, applied, ready, rollout)
         return asyncio.run(supervise(config, applied, args.workers, ready, rollout))
     except (StartupError, IdentityError) as e:
         raise CommandError(str(e)) from None

@@ -2,5 +2,5 @@
 
 Pure parts (`ca`, `verify`) take keys, certificates and times and return values; `files` and
 `rotation` are the disk edges; `contexts` turns an identity into pyOpenSSL contexts. The
-mitmproxy addon that uses them lives in `meshlet.proxy.mtls`.
+mitmproxy addon that uses them lives in `meshlet.proxy.mitm.mtls`.
 """

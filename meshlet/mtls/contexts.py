@@ -4,7 +4,7 @@ Built once per identity (and again on rotation), shared by every connection: a c
 the context it started with, so rotating never breaks an established connection. Verification
 callbacks are set per connection by the caller, because the expected peer differs per backend.
 The server side issues TLS session tickets, so a sidecar reconnecting to a peer resumes instead
-of repeating the signatures and chain checks of a full handshake (see meshlet.proxy.mtls).
+of repeating the signatures and chain checks of a full handshake (see meshlet.proxy.mitm.mtls).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Mesh mTLS for meshlet's own upstream client (routes with a `timeout` or `retries`).
 
-mitmproxy's server side does mTLS through pyOpenSSL (meshlet.proxy.mtls); the pool in
-meshlet.proxy.upstream is plain asyncio, which speaks the standard library's `ssl`. Both must
+mitmproxy's server side does mTLS through pyOpenSSL (meshlet.proxy.mitm.mtls); the pool in
+meshlet.proxy.mitm.client is plain asyncio, which speaks the standard library's `ssl`. Both must
 judge a peer alike: OpenSSL checks the chain against the mesh bundle and the validity dates
 during the handshake, then the leaf's SPIFFE ID must be the backend's `identity` when it names
 one. The results are the same labels `meshlet_mtls_handshakes_total` uses for the other path.

@@ -39,6 +39,8 @@ class SidecarConfig:
     workload: str = "unknown"
     identity_dir: Path | None = None
     ca_dir: Path | None = None  # local mode: reissue the identity from this CA before it expires
+    engine: str = "mitmproxy"  # lean | mitmproxy (meshlet.proxy.engine)
+    reuse_port: bool = False  # `--workers` workers share the listeners (SO_REUSEPORT)
 
     def mode_specs(self) -> list[str]:
         """mitmproxy modes: `regular` takes both Host-header and absolute-form (HTTP_PROXY) requests."""

@@ -2,7 +2,7 @@
 
 mitmproxy type-checks every field of every request and response it builds, and asserts
 throughout its proxy core, only `if __debug__` (about a quarter of a worker's throughput; see
-meshlet.proxy.lean). Whatever serves requests — a `--workers` worker, or `meshlet run --workers 1`
+meshlet.proxy.mitm.dispatch). Whatever serves requests — a `--workers` worker, or `meshlet run --workers 1`
 itself — runs the same program again with `-O`: same pid, so signals and Pod probes still reach
 it. MESHLET_WORKER_DEBUG=1 keeps the checks on.
 """

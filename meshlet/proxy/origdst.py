@@ -1,32 +1,35 @@
-"""Where an iptables-redirected connection was going (SO_ORIGINAL_DST).
+"""Where an iptables-redirected connection was going (SO_ORIGINAL_DST), read from its socket.
 
 In a Pod, the init container's rules REDIRECT outbound TCP to :15001 and inbound TCP to :15006;
-the kernel remembers each connection's original destination on its socket. mitmproxy's
-transparent mode reads it, but the sidecar's listeners are regular (outbound: Host-header and
-HTTP_PROXY requests) and reverse (inbound) modes, so this reads it from the client socket that
-mitmproxy's connection handler holds (internals; the sidecar tests fail loudly if they move).
+the kernel remembers each connection's original destination on its socket. Both engines ask it
+once per connection.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 
-from mitmproxy import connection, ctx, platform
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at level SOL_IPV6
 
 
-def original_destination(client: connection.Client) -> tuple[str, int] | None:
+def original_destination_of(sock: socket.socket) -> tuple[str, int] | None:
     """The redirected connection's original address; None when it came to the listener directly."""
-    master = getattr(ctx, "master", None)  # absent outside a running proxy (unit tests of the addons)
-    proxyserver = master.addons.get("proxyserver") if master else None
-    handler = proxyserver.connections.get(client.id) if proxyserver else None
-    io = handler.transports.get(client) if handler else None
-    sock: socket.socket | None = io.writer.get_extra_info("socket") if io and io.writer else None
-    if sock is None or platform.original_addr is None:
-        return None
     try:
-        host, port, *_ = platform.original_addr(sock)
+        # By the local address, not the family: a dual-stack socket can carry IPv4 (`::ffff:a.b.c.d`),
+        # and asking the wrong table for it is refused (mitmproxy's platform.linux reasons the same way).
+        if "." in sock.getsockname()[0]:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port, packed = struct.unpack_from("!2xH4s", raw)
+            host = socket.inet_ntop(socket.AF_INET, packed)
+        else:
+            raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            port, packed = struct.unpack_from("!2xH4x16s", raw)
+            host = socket.inet_ntop(socket.AF_INET6, packed)
     except OSError:  # no NAT record: a direct connection
         return None
-    if (host, port) == tuple(sock.getsockname()[:2]):
+    local = sock.getsockname()
+    if port == local[1] and host in (local[0], local[0].removeprefix("::ffff:")):
         return None
     return host, port

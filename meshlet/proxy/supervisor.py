@@ -34,7 +34,7 @@ from meshlet.policy.model import Address
 from meshlet.proxy import httpserver
 from meshlet.proxy.admin import GENERATION_HEADER, WEIGHTS_HEADER, AdminApi, DistributionError
 from meshlet.proxy.config import SidecarConfig, config_to_json
-from meshlet.proxy.master import StartupError
+from meshlet.proxy.engine import StartupError
 from meshlet.proxy.state import Applied, PolicyState
 from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
 from meshlet.telemetry.proxy import ProxyMetrics, enable_multiprocess, multiprocess_render
@@ -107,7 +107,7 @@ class Supervisor:
     def __init__(self, config: SidecarConfig, applied: Applied, count: int, metrics_dir: Path):
         self.config = dataclasses.replace(
             config, outbound=_claim_port(config.outbound), inbound=_claim_port(config.inbound),
-            admin=Address("127.0.0.1", 0),
+            admin=Address("127.0.0.1", 0), reuse_port=True,
         )
         self.state = PolicyState(applied, config.identity_dir is not None)
         self.count = count

@@ -1,7 +1,7 @@
 """One worker process of `meshlet run --workers N` (run as `python -m meshlet.proxy.worker`).
 
 The supervisor writes `{"config": ..., "policy": TEXT, "generation": N}` to stdin; the worker
-binds the shared listeners with SO_REUSEPORT, its admin API on a private loopback port, and
+binds the shared listeners with SO_REUSEPORT (`config.reuse_port`), its admin API on a private loopback port, and
 answers one JSON line on stdout: `{"ready": {...}}` or `{"error": "one line"}`.
 Metrics go to the supervisor's PROMETHEUS_MULTIPROC_DIR (set in our environment).
 A worker runs optimized (`-O`, re-executing itself if started without: meshlet.proxy.optimize).
@@ -9,7 +9,6 @@ A worker runs optimized (`-O`, re-executing itself if started without: meshlet.p
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 
@@ -25,16 +24,14 @@ def _say(message: dict) -> None:
 def main() -> int:
     reexec_optimized(["-m", "meshlet.proxy.worker"])  # stdin (the job) is kept
     from meshlet.proxy.config import config_from_json
-    from meshlet.proxy.master import StartupError, serve, setup_logging
-    from meshlet.proxy.reuseport import enable_reuse_port
+    from meshlet.proxy.serve import StartupError, run_serve, setup_logging
     from meshlet.proxy.state import compile_policy
 
     job = json.loads(sys.stdin.readline())
     setup_logging()
-    enable_reuse_port()
     try:
         applied = compile_policy(job["policy"], int(job["generation"]), "policy", job.get("weights"))
-        return asyncio.run(serve(config_from_json(job["config"]), applied, lambda addrs: _say({"ready": addrs})))
+        return run_serve(config_from_json(job["config"]), applied, lambda addrs: _say({"ready": addrs}))
     except (StartupError, PolicyInvalid) as e:
         _say({"error": str(e).splitlines()[0]})
         return 1

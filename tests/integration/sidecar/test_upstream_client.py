@@ -8,7 +8,7 @@ import pytest
 from mitmproxy import http
 from sidecar_support import free_port
 
-from meshlet.proxy.upstream import UpstreamError, UpstreamPool
+from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
 
 pytestmark = pytest.mark.timeout(30)
 

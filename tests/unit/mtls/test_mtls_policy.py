@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from meshlet.mtls.inbound import DEFAULT_MTLS, inbound_mtls, mesh_backends
 from meshlet.policy import load_text
-from meshlet.proxy.mtls import DEFAULT_MTLS, inbound_mtls, mesh_backends
 
 TWO = """\
 apiVersion: meshlet.dev/v1alpha1

@@ -22,7 +22,7 @@ from mtls_support import workload as issue
 from meshlet.mtls.files import read_identity, write_identity
 from meshlet.mtls.upstream import UpstreamTls, client_context
 from meshlet.mtls.verify import identity_of
-from meshlet.proxy.upstream import UpstreamError, UpstreamPool
+from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
 
 RATINGS = "spiffe://cluster.local/ns/default/sa/ratings"
 NOW = dt.datetime.now(dt.UTC)

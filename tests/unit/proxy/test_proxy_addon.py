@@ -10,7 +10,7 @@ from mitmproxy.test import tflow
 from prometheus_client import CollectorRegistry
 
 from meshlet.policy.model import Address, Backend, Metadata, Retries, Route, TrafficPolicy, WeightedBackend
-from meshlet.proxy.addon import KEY, Routing, attempts_for, candidates, needs_pool
+from meshlet.proxy.mitm.routing import KEY, Routing, attempts_for, candidates, needs_pool
 from meshlet.proxy.state import PolicyState, compile_policy
 from meshlet.routing import Decision
 
@@ -133,7 +133,7 @@ def test_buffered_client_only_when_a_deadline_or_replay_needs_it():
 
 
 def test_h2c_upgrade_is_served_as_http11():
-    from meshlet.proxy.h2c import RefuseH2c
+    from meshlet.proxy.mitm.h2c import RefuseH2c
 
     f = flow(upgrade="h2c", connection="Upgrade, HTTP2-Settings", http2_settings="AAMAAABkAAQAAP__")
     RefuseH2c().requestheaders(f)

@@ -23,9 +23,9 @@ from prometheus_client import CollectorRegistry
 from test_proxy_addon import flow
 from test_proxy_addon import routing as beta_routing
 
-from meshlet.proxy.addon import KEY, Routing
-from meshlet.proxy.h2c import RefuseH2c
-from meshlet.proxy.lean import LeanAddons
+from meshlet.proxy.mitm.dispatch import LeanAddons
+from meshlet.proxy.mitm.h2c import RefuseH2c
+from meshlet.proxy.mitm.routing import KEY, Routing
 from meshlet.proxy.state import PolicyState, compile_policy
 from meshlet.routing import Decision, decide
 from meshlet.telemetry.proxy import ProxyMetrics
@@ -78,7 +78,7 @@ def one_request(addon: Routing, h2c: RefuseH2c, f: http.HTTPFlow, response: http
 
 class TestSpeed:
     def test_decide_weighted_split(self, benchmark):
-        from meshlet.proxy.addon import request_view
+        from meshlet.proxy.mitm.routing import request_view
 
         table = canary_routing().state.table
         view = request_view(flow(path="/reviews/1", user_agent="wrk"))
@@ -87,14 +87,14 @@ class TestSpeed:
         assert decision.backend.name in {"v1", "v2"}
 
     def test_request_view_and_decide(self, benchmark):
-        from meshlet.proxy.addon import request_view
+        from meshlet.proxy.mitm.routing import request_view
 
         table, f = canary_routing().state.table, flow(x_group="beta", cookie="a=1; b=2")
         decision = benchmark(lambda: decide(table, request_view(f)))
         assert decision.route.name == "beta" and decision.backend.name == "v2"
 
     def test_request_view_reads_raw_fields_like_the_headers_api(self):
-        from meshlet.proxy.addon import request_view
+        from meshlet.proxy.mitm.routing import request_view
 
         f = flow(x_group="beta")
         f.request.headers.add("X-Group", "second")  # the first value wins

@@ -9,7 +9,7 @@ import socket
 from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from meshlet.proxy.reuseport import enable_reuse_port
+from meshlet.proxy.mitm.reuseport import enable_reuse_port
 
 
 def test_mitmproxy_still_binds_where_the_override_expects():

@@ -38,33 +38,22 @@ from prometheus_client import CollectorRegistry
 
 from meshlet.mtls.contexts import TlsContexts
 from meshlet.mtls.files import IdentityError, describe
+from meshlet.mtls.inbound import PEER_IDENTITY_HEADER, inbound_mtls, mesh_backends
 from meshlet.mtls.reissue import Reissuer
 from meshlet.mtls.rotation import IdentityWatcher
 from meshlet.mtls.upstream import UpstreamTls, client_context
 from meshlet.mtls.verify import Result, Verdict, verify_peer
-from meshlet.policy.model import Backend, Mtls, TrafficPolicy
+from meshlet.policy.model import Backend, TrafficPolicy
 from meshlet.telemetry.mtls import MtlsMetrics, default_metrics
 
 log = logging.getLogger(__name__)
 
-PEER_IDENTITY_HEADER = "x-meshlet-peer-identity"
-DEFAULT_MTLS = Mtls()  # no policy says otherwise: PERMISSIVE, like Istio's default
 MAX_RESUMABLE_PEERS = 1024  # outbound sessions kept for resumption; forgotten all at once past that
 
 
 def watch_identity(directory: Path) -> IdentityWatcher:
     """Load an identity dir (IdentityError if unusable) and follow it, negotiating ALPN as mitmproxy does."""
     return IdentityWatcher(directory, alpn_select=alpn_select_callback)
-
-
-def inbound_mtls(policies: Sequence[TrafficPolicy]) -> Mtls:
-    """The inbound settings: the first policy that has an `mtls` section, else PERMISSIVE."""
-    return next((p.mtls for p in policies if p.mtls is not None), DEFAULT_MTLS)
-
-
-def mesh_backends(policies: Sequence[TrafficPolicy]) -> dict[tuple[str, int], Backend]:
-    """(host, port) → backend for every `tls: mesh` backend, the lookup outbound TLS needs."""
-    return {(b.address.host, b.address.port): b for p in policies for b in p.backends if b.tls == "mesh"}
 
 
 @dataclass

@@ -25,10 +25,10 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from meshlet.mtls.upstream import UpstreamTls
 from meshlet.policy.model import IDEMPOTENT_METHODS, Backend, Route
-from meshlet.proxy import responses
-from meshlet.proxy.origdst import original_destination
+from meshlet.proxy.mitm import responses
+from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
+from meshlet.proxy.mitm.origdst import original_destination
 from meshlet.proxy.state import PolicyState
-from meshlet.proxy.upstream import UpstreamError, UpstreamPool
 from meshlet.routing import Decision, RequestView, Unmatched, decide, parse_cookies
 from meshlet.telemetry.proxy import ProxyMetrics
 

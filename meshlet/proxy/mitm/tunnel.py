@@ -22,7 +22,7 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.mode_specs import RegularMode
 
-from meshlet.proxy.origdst import original_destination
+from meshlet.proxy.mitm.origdst import original_destination
 
 log = logging.getLogger("meshlet.proxy")
 
