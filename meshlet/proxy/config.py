@@ -39,7 +39,9 @@ class SidecarConfig:
     workload: str = "unknown"
     identity_dir: Path | None = None
     ca_dir: Path | None = None  # local mode: reissue the identity from this CA before it expires
-    engine: str = "mitmproxy"  # lean | mitmproxy (meshlet.proxy.engine)
+    header_timeout: float = 10.0  # lean engine: a request head must arrive within this (408)
+    idle_timeout: float = 60.0  # lean engine: idle keep-alive client connections are closed after this
+    engine: str = "lean"  # lean | mitmproxy (meshlet.proxy.engine)
     reuse_port: bool = False  # `--workers` workers share the listeners (SO_REUSEPORT)
 
     def mode_specs(self) -> list[str]:

@@ -81,7 +81,7 @@ def shared_policy(port: dict[str, int]) -> str:
 
 
 @pytest.fixture(scope="module")
-def sidecar(backends):
+def sidecar(backends, engine):
     with run_sidecar(shared_policy(backends.port), app_port=backends.port["v1"], workers=2) as s:
         yield s
 
