@@ -27,7 +27,6 @@ from meshlet.proxy.lean.http1 import (
     local_response,
 )
 from meshlet.proxy.lean.relay import relay_to
-from meshlet.proxy.lean.tls import peer_verdict
 from meshlet.proxy.origdst import original_destination_of
 
 if TYPE_CHECKING:
@@ -114,6 +113,8 @@ class Downstream(asyncio.Protocol):
                 return
 
     def _judge_peer(self) -> bool:
+        from meshlet.proxy.lean.tls import peer_verdict  # loaded with the identity, not before
+
         verdict = peer_verdict(self.transport)
         engine = self.engine
         if not verdict.ok:

@@ -18,20 +18,22 @@ import logging
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlet.mtls.inbound import inbound_mtls
-from meshlet.mtls.upstream import UpstreamTls
 from meshlet.policy.model import Address, Backend
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError
 from meshlet.proxy.lean.downstream import Downstream
-from meshlet.proxy.lean.tls import LeanIdentity
 from meshlet.proxy.lean.upstream import UpstreamPool
 from meshlet.proxy.state import PolicyState
 from meshlet.proxy.tap import TapHub
 from meshlet.telemetry.mtls import MtlsMetrics
 from meshlet.telemetry.proxy import ProxyMetrics
+
+if TYPE_CHECKING:  # mTLS parts load only with --identity: cryptography is ~15 MiB of a worker's RSS
+    from meshlet.mtls.upstream import UpstreamTls
+    from meshlet.proxy.lean.tls import LeanIdentity
 
 log = logging.getLogger("meshlet.proxy")
 SWEEP_SECONDS = 1.0
@@ -74,10 +76,11 @@ class LeanEngine:
         self.metrics = metrics
         self.tap = tap
         self.mtls_metrics = MtlsMetrics(metrics.registry)
-        self.identity = (
-            LeanIdentity(config.identity_dir, self.mtls_metrics, config.ca_dir)
-            if config.identity_dir is not None else None
-        )
+        self.identity: LeanIdentity | None = None
+        if config.identity_dir is not None:
+            from meshlet.proxy.lean.tls import LeanIdentity
+
+            self.identity = LeanIdentity(config.identity_dir, self.mtls_metrics, config.ca_dir)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.pool: UpstreamPool = None  # type: ignore[assignment]
         self.connections: set[Downstream] = set()

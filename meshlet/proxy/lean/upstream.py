@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from meshlet.mtls.upstream import UpstreamTls, check_leaf, classify
 from meshlet.proxy.lean.http1 import MAX_HEAD_BYTES, MAX_HEADERS, Header
 
 if TYPE_CHECKING:
+    from meshlet.mtls.upstream import UpstreamTls
     from meshlet.proxy.lean.exchange import Exchange
 
 MAX_IDLE_PER_KEY = 256  # idle connections kept per backend (and identity)
@@ -191,6 +191,8 @@ class UpstreamPool:
                     _, conn = await self.loop.create_connection(factory, host, port, ssl=tls.context,
                                                                 server_hostname="")
         except ssl.SSLError as e:
+            from meshlet.mtls.upstream import classify
+
             assert tls is not None
             refused = classify(e)
             tls.record(refused.result)
@@ -198,6 +200,8 @@ class UpstreamPool:
         except OSError as e:
             raise ConnectFailed(f"cannot connect to {where}: {e.strerror or e}") from None
         if tls is not None:
+            from meshlet.mtls.upstream import check_leaf  # only with an identity (see LeanEngine)
+
             peer = conn.transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
             refused = check_leaf(peer.getpeercert(binary_form=True) if peer else None, tls.expect)
             tls.record(refused.result if refused else "ok")
