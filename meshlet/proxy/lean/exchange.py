@@ -13,17 +13,13 @@ a task. Only opening a connection awaits.
 from __future__ import annotations
 
 import asyncio
-import time
-from random import getrandbits
 from typing import TYPE_CHECKING
 
-from meshlet.mtls.inbound import PEER_IDENTITY_HEADER, inbound_mtls
-from meshlet.policy.model import Backend, Route
+from meshlet.mtls.inbound import PEER_IDENTITY_HEADER
 from meshlet.proxy.lean.http1 import (
     CONTINUE,
     HOP_BY_HOP,
     LAST_CHUNK,
-    REASONS,
     Header,
     chunk,
     connection_tokens,
@@ -31,17 +27,13 @@ from meshlet.proxy.lean.http1 import (
     status_line,
 )
 from meshlet.proxy.lean.relay import relay_to, splice
+from meshlet.proxy.lean.request import Request, new_request_id, parse_authority, split_target
 from meshlet.proxy.lean.upstream import ConnectFailed, PoolKey, Upstream
-from meshlet.proxy.lean.views import CookieView, HeaderView
-from meshlet.proxy.tap import TapRecord
-from meshlet.routing import Decision, RequestView, Unmatched, decide
-from meshlet.routing.attempts import attempts_for, candidates, status_conditions
-from meshlet.routing.hosts import host_key
+from meshlet.routing.attempts import status_conditions
 
 if TYPE_CHECKING:
     from meshlet.proxy.lean.downstream import Downstream
 
-MAX_REPLAY = 64 * 1024  # request body kept for a retry; a larger body is sent once
 MAX_BACKLOG = 64 * 1024  # request body held while connecting before the client is paused
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -56,119 +48,33 @@ _SPECIAL = {
 _NO_BODY_STATUS = frozenset((204, 304))
 
 
-def new_request_id() -> bytes:
-    """A random (version 4) UUID, as Envoy generates for x-request-id."""
-    b = getrandbits(128)
-    return b"%08x-%04x-4%03x-%04x-%012x" % (
-        b >> 96, (b >> 80) & 0xFFFF, (b >> 64) & 0xFFF, ((b >> 48) & 0x3FFF) | 0x8000, b & 0xFFFFFFFFFFFF,
-    )
+class Exchange(Request):
+    """One HTTP/1.1 request and its response on a client connection (meshlet.proxy.lean.downstream)."""
 
-
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """(authority, origin-form path) of a request target; authority is empty in origin form."""
-    if target[:1] == b"/" or target == b"*":
-        return b"", target
-    scheme_end = target.find(b"://")
-    if scheme_end > 0:  # absolute form, as HTTP_PROXY clients send it
-        rest = target[scheme_end + 3:]
-        slash = rest.find(b"/")
-        query = rest.find(b"?")
-        cut = min(i for i in (slash, query, len(rest)) if i >= 0)
-        path = rest[cut:]
-        return rest[:cut], path if path[:1] == b"/" else b"/" + path
-    return target, b""  # authority form (CONNECT)
-
-
-def parse_authority(authority: str, default_port: int = 80) -> tuple[str, int] | None:
-    host = host_key(authority)
-    colon = authority.rfind(":")
-    if colon > authority.rfind("]"):
-        port_text = authority[colon + 1:]
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            return None
-        return host, int(port_text)
-    return (host, default_port) if host else None
-
-
-class Exchange:
     __slots__ = (
-        "attempt",
-        "authority",
-        "backend",
-        "backends",
-        "backlog",
-        "backlog_bytes",
-        "chunked",
-        "close_after",
-        "connecting",
-        "continued",
-        "decision",
-        "destination",
-        "direction",
-        "downstream",
-        "expect",
-        "finished",
-        "head",
-        "headers",
-        "history",
-        "http10",
-        "keep_alive",
-        "method",
-        "no_body",
-        "path",
-        "peer_identity",
-        "rechunk",
-        "request_done",
-        "request_id",
-        "response_started",
-        "retrying",
-        "route",
-        "route_name",
-        "service",
-        "stale_retried",
-        "started",
-        "status",
-        "target",
-        "timer",
-        "until_eof",
-        "upgrade",
-        "upstream",
+        "backlog", "backlog_bytes", "chunked", "close_after", "connecting", "continued", "expect", "head", "http10",
+        "keep_alive", "no_body", "rechunk", "request_done", "response_started", "retrying", "stale_retried",
+        "target", "until_eof", "upgrade", "upstream",
     )
 
     def __init__(
         self, downstream: Downstream, method: bytes, target: bytes, headers: list[Header], http10: bool,
         keep_alive: bool, upgrade: bool,
     ) -> None:
-        self.downstream = downstream
-        self.direction = downstream.direction
-        self.method = method
+        super().__init__(downstream, method, headers)
         self.target = target
-        self.headers = headers
         self.http10 = http10
         self.keep_alive = keep_alive
         self.upgrade = upgrade
-        self.started = time.perf_counter()
-        self.route_name = self.backend = self.service = "none"
-        self.route: Route | None = None
-        self.decision: Decision | None = None
-        self.backends: list[Backend] = []
-        self.destination: tuple[str, int] | None = None  # passthrough and inbound: where it goes
-        self.attempt = 1
         self.head = b""
-        self.authority = self.path = b""
-        self.request_id = b""
-        self.peer_identity = downstream.identity or ""
         self.chunked = self.expect = self.continued = False
-        self.request_done = self.finished = self.response_started = False
+        self.request_done = self.response_started = False
         self.close_after = self.rechunk = self.until_eof = self.retrying = self.stale_retried = False
         self.no_body = method == b"HEAD"
-        self.history: list[bytes] | None = []
         self.backlog: list[bytes] = []
         self.backlog_bytes = 0
         self.upstream: Upstream | None = None
         self.connecting: asyncio.Task | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.status = 0
 
     # --- the request ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -180,7 +86,7 @@ class Exchange:
         te = None
         connection = None
         request_id = None
-        for name, value in self.headers:
+        for name, value in self.fields:
             kind = _SPECIAL.get(name.lower())
             if kind is None:
                 lines.append(b"%s: %s\r\n" % (name, value))
@@ -224,8 +130,10 @@ class Exchange:
             self._tunnel()
             return
         if self.direction == "inbound":
-            if not self._authorize(lines):
+            if not self._authorize():
                 return
+            if self.peer_identity:
+                lines.append(b"%s: %s\r\n" % (PEER_IDENTITY_HEADER.encode(), self.peer_identity.encode()))
             self.destination = downstream.inbound_target
             self.route_name, self.backend, self.service = "inbound", "app", "app"
         elif not self._route():
@@ -235,73 +143,11 @@ class Exchange:
         if self.upgrade:
             lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % self._field(b"upgrade"))
         self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, path or b"/", b"".join(lines))
-        route = self.route
-        if route is not None and route.timeout is not None:
-            self.timer = downstream.engine.loop.call_later(route.timeout, self.timed_out)
+        self.start_timer(self.timed_out)
         self.dispatch()
 
     def _field(self, wanted: bytes) -> bytes:
-        return next((value for name, value in self.headers if name.lower() == wanted), b"")
-
-    def _route(self) -> bool:
-        """Outbound: the policy's decision. False when answered here."""
-        downstream = self.downstream
-        engine = downstream.engine
-        view = RequestView(
-            self.method.decode("latin-1"), self.authority.decode("utf-8", "surrogateescape"),
-            self.path.decode("utf-8", "surrogateescape"), HeaderView(self.headers), CookieView(self.headers),
-            downstream.peer_ip, getrandbits(64),
-        )
-        decision = decide(engine.state.table, view)
-        if decision is None:
-            self.route_name = self.backend = "passthrough"
-            self.service = "unknown"
-            return self._passthrough(view.authority)
-        self.service = decision.policy.host
-        if isinstance(decision, Unmatched):
-            self.route_name = "unmatched"
-            self.answer(404, f"meshlet: no route for host {view.authority!r} in the current policy")
-            return False
-        self.decision = decision
-        self.route = decision.route
-        self.route_name = decision.route.name
-        self.backend = decision.backend.name
-        self.backends = candidates(decision) if decision.route.retries is not None else [decision.backend]
-        return True
-
-    def _passthrough(self, authority: str) -> bool:
-        """A host no policy governs goes where it was sent: the redirected connection's original
-        destination, else the authority (HTTP_PROXY and Host-header clients)."""
-        engine = self.downstream.engine
-        if engine.config.strict_hosts:
-            self.answer(404, f"meshlet: no policy governs host {authority!r} (--strict-hosts)")
-            return False
-        destination = self.downstream.original_destination or parse_authority(authority)
-        if destination is None:
-            self.answer(400, f"meshlet: cannot tell where to send a request for {authority!r}")
-            return False
-        if engine.is_own_address(destination):
-            self.answer(400, f"meshlet: refusing a request addressed to the sidecar itself ({authority})")
-            return False
-        self.destination = destination
-        return True
-
-    def _authorize(self, lines: list[bytes]) -> bool:
-        """Inbound: the caller's mesh identity against the policy's mTLS mode and allow list."""
-        downstream = self.downstream
-        mtls = inbound_mtls(downstream.engine.state.table.policies)
-        identity = downstream.identity
-        self.route_name, self.backend, self.service = "inbound", "app", "app"
-        if identity is None:
-            if mtls.mode == "STRICT":  # a plaintext connection accepted before the policy became STRICT
-                self.answer(403, "meshlet: mTLS required")
-                return False
-            return True
-        if mtls.allow and identity not in mtls.allow:
-            self.answer(403, f"meshlet: peer identity {identity} is not allowed")
-            return False
-        lines.append(b"%s: %s\r\n" % (PEER_IDENTITY_HEADER.encode(), identity.encode()))
-        return True
+        return _value(self.fields, wanted)
 
     def _tunnel(self) -> None:
         """CONNECT: a byte relay to the target (TLS the app originates stays end to end)."""
@@ -331,18 +177,6 @@ class Exchange:
             self.finish(503)
 
     # --- upstream connection -----------------------------------------------------------------
-    def _pool_key(self) -> tuple[PoolKey, object]:
-        engine = self.downstream.engine
-        if self.destination is not None:
-            return (self.destination[0], self.destination[1], None), None
-        backend = self.backends[(self.attempt - 1) % len(self.backends)]
-        self.backend = backend.name
-        address = backend.address
-        if backend.tls != "mesh":
-            return (address.host, address.port, None), None
-        tls = engine.upstream_tls(backend)
-        return (address.host, address.port, tls.pool_key if tls is not None else ()), tls
-
     def dispatch(self) -> None:
         key, tls = self._pool_key()
         if key[2] == ():  # a mesh backend, and this sidecar has no identity
@@ -388,11 +222,7 @@ class Exchange:
     def request_body(self, data: bytes) -> None:
         if self.finished:
             return
-        history = self.history
-        if history is not None:
-            history.append(data)
-            if sum(map(len, history)) > MAX_REPLAY:
-                self.history = None
+        self.keep(data)
         conn = self.upstream
         if conn is not None and not self.retrying:
             conn.transport.write(chunk(data) if self.chunked else data)  # type: ignore[union-attr]
@@ -530,13 +360,6 @@ class Exchange:
         what = "unavailable" if status == 503 else "failed"
         self.answer(status, f"meshlet: backend {self.backend!r} {what}: {detail}")
 
-    def _may_retry(self, conditions: tuple[str, ...]) -> bool:
-        route = self.route
-        if route is None or route.retries is None or self.history is None:
-            return False
-        method = self.method.decode("latin-1")
-        return any(self.attempt < attempts_for(route, method, c) for c in conditions)
-
     def _retry(self) -> None:
         self.attempt += 1
         self.backlog = list(self.history or ())
@@ -577,24 +400,6 @@ class Exchange:
             self.connecting.cancel()
         self.finish(0, notify=False)
 
-    def finish(self, code: int, notify: bool = True) -> None:
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-        downstream = self.downstream
-        engine = downstream.engine
-        seconds = time.perf_counter() - self.started
-        engine.metrics.observe(self.direction, self.route_name, self.backend, code, seconds, self.service)
-        if engine.tap.active:
-            engine.tap.publish(TapRecord(
-                time.time() - seconds, self.direction, self.method.decode("latin-1"),
-                self.authority.decode("latin-1"), self.path.decode("latin-1"), self.route_name, self.backend,
-                code, seconds, self.peer_identity, self.request_id.decode("latin-1"),
-            ))
-        if notify:
-            downstream.exchange_done(self)
-
-
 def _value(headers: list[Header], wanted: bytes) -> bytes:
     return next((value for name, value in headers if name.lower() == wanted), b"")
 
@@ -603,4 +408,4 @@ def _keeps_alive(headers: list[Header]) -> bool:
     return b"close" not in _value(headers, b"connection").lower()
 
 
-__all__ = ["REASONS", "Exchange"]
+__all__ = ["Exchange"]
