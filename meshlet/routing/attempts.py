@@ -29,3 +29,14 @@ def status_conditions(code: int) -> tuple[str, ...]:
     if code in GATEWAY_ERRORS:
         return ("5xx", "gateway-error")
     return ("5xx",) if code >= 500 else ()
+
+
+# gRPC status codes a retry condition names (grpc/doc/statuscodes.md), as Envoy's retry_on does.
+GRPC_RETRY_CONDITIONS = {1: "cancelled", 4: "deadline-exceeded", 8: "resource-exhausted", 13: "internal",
+                         14: "unavailable"}
+
+
+def grpc_conditions(grpc_status: int) -> tuple[str, ...]:
+    """The retry conditions a gRPC status (in trailers, or a trailers-only response) matches."""
+    condition = GRPC_RETRY_CONDITIONS.get(grpc_status)
+    return (condition,) if condition else ()

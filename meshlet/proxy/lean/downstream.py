@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from meshlet.proxy.h2c import GOODBYE, PREFACE
+from meshlet.proxy.h2c import PREFACE
 from meshlet.proxy.lean.exchange import Exchange
 from meshlet.proxy.lean.http1 import (
     MAX_HEAD_BYTES,
@@ -51,6 +51,7 @@ class Downstream(asyncio.Protocol):
         "detached",
         "direction",
         "engine",
+        "h2c",
         "head_fed",
         "head_started",
         "headers",
@@ -91,6 +92,7 @@ class Downstream(asyncio.Protocol):
         self.detached = False  # the transport became a relay's (WebSocket, CONNECT, unknown protocol)
         self.pending: bytearray | None = None  # after an Upgrade/CONNECT head: bytes for the relay
         self.refusal: bytes | None = None  # a malformed pipelined request's answer, sent in turn
+        self.h2c: tuple[bytes, Exchange] | None = None  # an accepted `Upgrade: h2c`: (HTTP2-Settings, request)
         self.identity: str | None = None
         self.peer_ip = ""
         self.original_destination: tuple[str, int] | None = None
@@ -109,8 +111,13 @@ class Downstream(asyncio.Protocol):
         engine.connections.add(self)
         if self.direction == "inbound":
             self.inbound_target = engine.inbound_target(self.original_destination)
-            if transport.get_extra_info("ssl_object") is not None and not self._judge_peer():
-                return
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                if not self._judge_peer():
+                    return
+                if ssl_object.selected_alpn_protocol() == "h2":
+                    self.sniffed = True
+                    self.become_h2()
 
     def _judge_peer(self) -> bool:
         from meshlet.proxy.lean.tls import peer_verdict  # loaded with the identity, not before
@@ -155,6 +162,10 @@ class Downstream(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            if self.h2c is not None:  # `Upgrade: h2c` accepted: the request becomes stream 1
+                settings, exchange = self.h2c
+                self.become_h2(data[e.args[0]:], (settings, exchange.as_h2_stream()))
+                return
             self.pending = bytearray(data[e.args[0]:])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
@@ -170,16 +181,15 @@ class Downstream(asyncio.Protocol):
                 self.refuse(431, "meshlet: request header section too large")
 
     def _not_http1(self, data: bytes) -> None:
-        """TLS, another protocol, or HTTP/2 with prior knowledge: relayed untouched to where the
-        connection was going (policies apply to HTTP/1), else refused."""
+        """HTTP/2 with prior knowledge (h2c) is served as HTTP/2; TLS or another protocol is relayed
+        untouched to where the connection was going (policies apply to HTTP), else refused."""
+        if data.startswith(PREFACE[:4]):
+            self.become_h2(data)
+            return
         destination = self.original_destination
         if destination is None or self.direction != "outbound" or self.engine.is_own_address(destination):
-            if data.startswith(PREFACE[:4]):
-                self.transport.write(GOODBYE)
             self.transport.close()
             return
-        if data.startswith(PREFACE[:4]):
-            log.info("relaying cleartext HTTP/2 to %s:%d untouched: policy does not apply", *destination)
         self.pending = bytearray(data)
         self.detach()
         self.engine.spawn(self._relay(destination))
@@ -187,6 +197,13 @@ class Downstream(asyncio.Protocol):
     async def _relay(self, destination: tuple[str, int]) -> None:
         if not await relay_to(self.transport, destination, self.take_pending, self.engine.relays):
             self.transport.close()
+
+    def become_h2(self, first: bytes = b"", upgrade: tuple[bytes, Any] | None = None) -> None:
+        """Hand the connection to the HTTP/2 framing (h2c preface, ALPN `h2`, or `Upgrade: h2c`)."""
+        from meshlet.proxy.lean.h2server import H2Downstream
+
+        self.detach()
+        H2Downstream(self).take_over(self.transport, first, upgrade)
 
     def take_pending(self) -> bytes:
         pending, self.pending = self.pending, None
@@ -293,6 +310,11 @@ class Downstream(asyncio.Protocol):
             self.transport.close()
         else:
             self.refusal = answer
+
+    def drain(self) -> None:
+        """SIGTERM: an idle connection closes now, a busy one after its answer (Connection: close)."""
+        if self.active is None and not self.head_started:
+            self.abort()
 
     def sweep(self, now: float) -> None:
         """Once a second (LeanEngine): the header-read timeout and the idle keep-alive timeout."""

@@ -125,8 +125,7 @@ class LeanEngine:
         self._stop_listening()
         self.draining = True
         for downstream in list(self.connections):
-            if downstream.active is None and not downstream.head_started:
-                downstream.transport.close()
+            downstream.drain()
         busy = sum(1 for d in self.connections if d.active is not None)
         log.info("draining %d request(s) in flight (up to %gs)", busy, timeout)
         deadline = time.monotonic() + timeout
@@ -159,8 +158,8 @@ class LeanEngine:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def upstream_tls(self, backend: Backend) -> UpstreamTls | None:
-        return self.identity.upstream(backend) if self.identity is not None else None
+    def upstream_tls(self, backend: Backend, h2: bool = False) -> UpstreamTls | None:
+        return self.identity.upstream(backend, h2) if self.identity is not None else None
 
     def inbound_target(self, original_destination: tuple[str, int] | None) -> tuple[str, int]:
         """Where an inbound connection's requests go: the app port it was sent to (a Pod's app

@@ -23,6 +23,7 @@ from meshlet.proxy.lean.http1 import (
     Header,
     chunk,
     connection_tokens,
+    field_value,
     local_response,
     status_line,
 )
@@ -129,6 +130,14 @@ class Exchange(Request):
         if self.method == b"CONNECT":
             self._tunnel()
             return
+        if self.upgrade and self._field(b"upgrade").strip().lower() == b"h2c" and self.request_done:
+            settings = self._field(b"http2-settings")
+            if settings:  # RFC 7540 §3.2: 101, then this request is answered as stream 1
+                downstream.h2c = (settings, self)
+                downstream.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+                return
+        if self.upgrade and self._field(b"upgrade").strip().lower() == b"h2c":
+            self.upgrade = False  # with a body it stays HTTP/1.1 (RFC 9113 lets a server ignore it)
         if self.direction == "inbound":
             if not self._authorize():
                 return
@@ -146,8 +155,14 @@ class Exchange(Request):
         self.start_timer(self.timed_out)
         self.dispatch()
 
+    def as_h2_stream(self):
+        """This request as the first stream of an `Upgrade: h2c` connection."""
+        from meshlet.proxy.lean.stream import H2Exchange
+
+        return H2Exchange.upgraded_from(self.downstream, self.method, self.fields, self.authority, self.path or b"/")
+
     def _field(self, wanted: bytes) -> bytes:
-        return _value(self.fields, wanted)
+        return field_value(self.fields, wanted)
 
     def _tunnel(self) -> None:
         """CONNECT: a byte relay to the target (TLS the app originates stays end to end)."""
@@ -276,7 +291,7 @@ class Exchange(Request):
         if interim:
             return b"".join(lines) + b"\r\n"
         if status == 101:
-            lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % _value(headers, b"upgrade"))
+            lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % field_value(headers, b"upgrade"))
             return b"".join(lines) + b"\r\n"
         downstream = self.downstream
         if not (self.no_body or status in _NO_BODY_STATUS or has_length):
@@ -400,12 +415,8 @@ class Exchange(Request):
             self.connecting.cancel()
         self.finish(0, notify=False)
 
-def _value(headers: list[Header], wanted: bytes) -> bytes:
-    return next((value for name, value in headers if name.lower() == wanted), b"")
-
-
 def _keeps_alive(headers: list[Header]) -> bool:
-    return b"close" not in _value(headers, b"connection").lower()
+    return b"close" not in field_value(headers, b"connection").lower()
 
 
 __all__ = ["Exchange"]

@@ -63,3 +63,11 @@ def local_response(status: int, message: str, close: bool, extra: bytes = b"") -
     return b"%sContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nX-Meshlet: local\r\n%s%s\r\n%s" % (
         status_line(status), len(body), extra, b"Connection: close\r\n" if close else b"", body,
     )
+
+
+def field_value(fields: Iterable[Header], wanted: bytes) -> bytes:
+    """The first value of a field, by its lower-case name; empty when absent."""
+    for name, value in fields:
+        if name.lower() == wanted:
+            return value
+    return b""

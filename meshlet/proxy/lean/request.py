@@ -70,8 +70,8 @@ class Request:
 
     __slots__ = (
         "attempt", "authority", "backend", "backends", "decision", "destination", "direction", "downstream",
-        "fields", "finished", "history", "method", "path", "peer_identity", "request_id", "route", "route_name",
-        "service", "started", "status", "timer",
+        "fields", "finished", "grpc_status", "history", "method", "path", "peer_identity", "request_id", "route",
+        "route_name", "service", "started", "status", "timer",
     )
 
     def __init__(self, downstream: Any, method: bytes, fields: list[Header]) -> None:
@@ -93,6 +93,7 @@ class Request:
         self.history: list[bytes] | None = []  # the request body, kept for a retry up to MAX_REPLAY
         self.timer: asyncio.TimerHandle | None = None
         self.status = 0
+        self.grpc_status = -1  # a gRPC call's status, once known
 
     @property
     def engine(self) -> LeanEngine:
@@ -161,7 +162,9 @@ class Request:
             return False
         return True
 
-    def _pool_key(self) -> tuple[PoolKey, object]:
+    def _pool_key(self, h2: bool = False) -> tuple[PoolKey, object]:
+        """This attempt's backend (named in `backend`) as a pool key, and its mesh TLS if any. A key
+        whose TLS part is `()` names a mesh backend this sidecar cannot reach (no identity)."""
         engine = self.downstream.engine
         if self.destination is not None:
             return (self.destination[0], self.destination[1], None), None
@@ -170,7 +173,7 @@ class Request:
         address = backend.address
         if backend.tls != "mesh":
             return (address.host, address.port, None), None
-        tls = engine.upstream_tls(backend)
+        tls = engine.upstream_tls(backend, h2)
         return (address.host, address.port, tls.pool_key if tls is not None else ()), tls
 
     def _may_retry(self, conditions: tuple[str, ...]) -> bool:
@@ -200,7 +203,8 @@ class Request:
         downstream = self.downstream
         engine = downstream.engine
         seconds = time.perf_counter() - self.started
-        engine.metrics.observe(self.direction, self.route_name, self.backend, code, seconds, self.service)
+        engine.metrics.observe(self.direction, self.route_name, self.backend, code, seconds, self.service,
+                               self.grpc_status)
         if engine.tap.active:
             engine.tap.publish(TapRecord(
                 time.time() - seconds, self.direction, self.method.decode("latin-1"),

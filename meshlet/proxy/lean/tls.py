@@ -46,8 +46,9 @@ class LeanIdentity:
 
     def _build(self) -> None:
         identity = self.watcher.current.identity
-        self.server = server_context(identity)
+        self.server = server_context(identity, ("h2", "http/1.1"))  # HTTP/2 between sidecars when both speak it
         self.client = client_context(identity)
+        self.client_h2 = client_context(identity, ("h2",))
         self.serial = identity.serial
         self.metrics.cert_expiry.set(identity.not_after.timestamp())
 
@@ -79,8 +80,10 @@ class LeanIdentity:
     def certs(self) -> dict:
         return {**describe(self.watcher.current.identity), "dir": str(self.watcher.directory)}
 
-    def upstream(self, backend: Backend) -> UpstreamTls:
-        """How to reach a `tls: mesh` backend with the current certificate."""
+    def upstream(self, backend: Backend, h2: bool = False) -> UpstreamTls:
+        """How to reach a `tls: mesh` backend with the current certificate (ALPN `h2` for HTTP/2)."""
+        if h2:
+            return UpstreamTls(self.client_h2, self.serial + "/h2", backend.identity or None, self._outbound)
         return UpstreamTls(self.client, self.serial, backend.identity or None, self._outbound)
 
     def _outbound(self, result: str) -> None:

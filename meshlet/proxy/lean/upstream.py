@@ -21,6 +21,7 @@ from meshlet.proxy.lean.http1 import MAX_HEAD_BYTES, MAX_HEADERS, Header
 if TYPE_CHECKING:
     from meshlet.mtls.upstream import UpstreamTls
     from meshlet.proxy.lean.exchange import Exchange
+    from meshlet.proxy.lean.h2client import H2Upstream
 
 MAX_IDLE_PER_KEY = 256  # idle connections kept per backend (and identity)
 IDLE_SECONDS = 30.0  # below the keep-alive timeouts of common servers (nginx 75 s, Envoy 1 h)
@@ -148,6 +149,8 @@ class Upstream(asyncio.Protocol):
 class UpstreamPool:
     def __init__(self) -> None:
         self.idle: dict[PoolKey, list[Upstream]] = {}
+        self.h2: dict[PoolKey, list[H2Upstream]] = {}  # multiplexed: in use and idle alike
+        self.h2_opening: dict[PoolKey, asyncio.Future] = {}
         self.loop = asyncio.get_running_loop()
 
     def take(self, key: PoolKey) -> Upstream | None:
@@ -179,17 +182,52 @@ class UpstreamPool:
             idle.remove(conn)
 
     async def connect(self, key: PoolKey, tls: UpstreamTls | None, timeout: float | None) -> Upstream:
-        """A new connection; with `tls`, an mTLS one whose peer proved the expected mesh identity."""
+        """A new HTTP/1.1 connection; with `tls`, an mTLS one whose peer proved the expected identity."""
+        return await self._open(lambda: Upstream(self, key), key, tls, timeout)  # type: ignore[return-value]
+
+    def take_h2(self, key: PoolKey) -> H2Upstream | None:
+        """An HTTP/2 connection to `key` with room for another stream."""
+        for conn in self.h2.get(key, ()):
+            if conn.has_room():
+                return conn
+        return None
+
+    async def connect_h2(self, key: PoolKey, tls: UpstreamTls | None, timeout: float | None) -> H2Upstream:
+        """A connection with room, opening one unless another stream is opening one already."""
+        pending = self.h2_opening.get(key)
+        if pending is not None:
+            await asyncio.shield(pending)
+            conn = self.take_h2(key)
+            if conn is not None:
+                return conn
+        from meshlet.proxy.lean.h2client import H2Upstream
+
+        opening = self.h2_opening[key] = self.loop.create_future()
+        try:
+            conn = await self._open(lambda: H2Upstream(self, key), key, tls, timeout)
+        finally:
+            del self.h2_opening[key]
+            opening.set_result(None)
+        self.h2.setdefault(key, []).append(conn)  # type: ignore[arg-type]
+        return conn  # type: ignore[return-value]
+
+    def forget_h2(self, conn: H2Upstream) -> None:
+        conns = self.h2.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    async def _open(
+        self, factory: Callable[[], asyncio.Protocol], key: PoolKey, tls: UpstreamTls | None, timeout: float | None,
+    ) -> asyncio.Protocol:
         host, port = key[0], key[1]
         where = f"{host}:{port}"
-        factory: Callable[[], Upstream] = lambda: Upstream(self, key)  # noqa: E731
         try:
             async with asyncio.timeout(timeout):
                 if tls is None:
-                    _, conn = await self.loop.create_connection(factory, host, port)
+                    transport, conn = await self.loop.create_connection(factory, host, port)
                 else:
-                    _, conn = await self.loop.create_connection(factory, host, port, ssl=tls.context,
-                                                                server_hostname="")
+                    transport, conn = await self.loop.create_connection(factory, host, port, ssl=tls.context,
+                                                                        server_hostname="")
         except ssl.SSLError as e:
             from meshlet.mtls.upstream import classify
 
@@ -202,11 +240,11 @@ class UpstreamPool:
         if tls is not None:
             from meshlet.mtls.upstream import check_leaf  # only with an identity (see LeanEngine)
 
-            peer = conn.transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
+            peer = transport.get_extra_info("ssl_object")
             refused = check_leaf(peer.getpeercert(binary_form=True) if peer else None, tls.expect)
             tls.record(refused.result if refused else "ok")
             if refused is not None:
-                conn.close()
+                transport.close()
                 raise ConnectFailed(f"{where}: {refused}")
         return conn
 
@@ -216,9 +254,17 @@ class UpstreamPool:
             for conn in [c for c in idle if now - c.idle_since > IDLE_SECONDS]:
                 idle.remove(conn)
                 conn.close()
+        for conns in self.h2.values():
+            for h2 in [c for c in conns if not c.streams and now - c.idle_since > IDLE_SECONDS]:
+                conns.remove(h2)
+                h2.close()
 
     def close(self) -> None:
         for idle in self.idle.values():
             for conn in idle:
                 conn.close()
         self.idle.clear()
+        for conns in self.h2.values():
+            for h2 in conns:
+                h2.close()
+        self.h2.clear()
