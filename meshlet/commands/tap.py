@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import os
 import signal
 import socket
 import sys
@@ -116,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
             for line in _lines(response):
                 follow(line, saved)
         except Stopped:
+            return 0
+        except BrokenPipeError:  # `meshlet tap | head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         print("meshlet tap: the sidecar ended the stream", file=sys.stderr)
     return 0

@@ -100,6 +100,18 @@ def sockets(pids: list[int]) -> int:
     )
 
 
+def settled_sockets(pids: list[int], seconds: float = 10.0) -> int:
+    """The processes' socket count once closing connections are gone (two equal readings apart)."""
+    deadline = time.monotonic() + seconds
+    count = sockets(pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        count, previous = sockets(pids), count
+        if count == previous:
+            break
+    return count
+
+
 def test_an_addon_adds_a_header_to_every_response_in_both_directions(sidecar):
     client = Client(sidecar.outbound)
     try:
@@ -157,8 +169,7 @@ def test_tap_of_two_workers_merges_both_and_leaves_no_connection_behind(backends
         assert len(pids) == 3
         for n in range(4):
             answer_worker(sidecar.outbound, "/", f"warm-{n}")
-        time.sleep(0.5)
-        before = sockets(pids)
+        before = settled_sockets(pids)
 
         tap = Tap(sidecar)
         try:
