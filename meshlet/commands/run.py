@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from meshlet.commands import CommandError
 from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.model import Address
-from meshlet.proxy.engine import ENGINES
+from meshlet.proxy.engine import DEFAULT_ENGINE, ENGINES
 from meshlet.telemetry.proxy import METRICS_COMPAT
 
 if TYPE_CHECKING:
@@ -54,9 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--admin", type=_listen, default="127.0.0.1:15000", metavar="HOST:PORT")
     parser.add_argument("--app", type=_listen, default="127.0.0.1:8080", metavar="HOST:PORT",
                         help="where inbound requests go (the local application)")
-    parser.add_argument("--engine", choices=ENGINES, default="lean",
+    parser.add_argument("--engine", choices=ENGINES,
                         help="lean (default: uvloop + httptools, meshlet's own HTTP/1.1 data plane) or mitmproxy "
                              "(the programmable engine: mitmproxy addons, flow files)")
+    parser.add_argument("--addon", action="append", default=[], metavar="FILE",
+                        help="a mitmproxy addon script (mitmproxy's addon API, as `mitmproxy -s FILE` loads it) "
+                             "run on every flow; repeatable; selects --engine mitmproxy")
     parser.add_argument("--strict-hosts", action="store_true",
                         help="answer 404 for hosts no policy governs instead of passing them through")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -108,6 +111,28 @@ def _lease_seconds(text: str) -> int:
     return value
 
 
+def _engine(args: argparse.Namespace) -> str:
+    """Addon scripts run on mitmproxy's engine: --addon selects it, and contradicts --engine lean."""
+    if not args.addon:
+        return args.engine or DEFAULT_ENGINE
+    if args.engine == "lean":
+        raise CommandError("--addon runs mitmproxy addon scripts: it needs --engine mitmproxy, not lean")
+    return "mitmproxy"
+
+
+def _addons(paths: list[str]) -> tuple[str, ...]:
+    """Absolute paths (workers may not share our idea of the working directory), each once."""
+    found: list[str] = []
+    for path in paths:
+        full = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(full):
+            raise CommandError(f"--addon {path}: no such file")
+        if full in found:
+            raise CommandError(f"--addon {path}: given twice")
+        found.append(full)
+    return tuple(found)
+
+
 def _cluster(args: argparse.Namespace) -> Cluster | None:
     """The cluster to watch with --watch-kube (None with --policy); flag mistakes are one line."""
     if (args.policy is None) == (not args.watch_kube):
@@ -136,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from meshlet.proxy.supervisor import supervise
     from meshlet.rollout.service import RolloutOptions
 
+    engine, addons = _engine(args), _addons(args.addon)
     cluster = _cluster(args)
     try:
         if cluster is not None:  # ready at once: see meshlet.k8s.follow for why not wait for policies
@@ -166,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app,
         strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
         metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
-        engine=args.engine, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+        engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
     )
     if args.state_dir is not None:
         try:
