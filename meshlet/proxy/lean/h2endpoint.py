@@ -18,6 +18,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
+from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from meshlet.proxy.lean.http1 import Header
@@ -26,6 +27,7 @@ log = logging.getLogger("meshlet.proxy")
 WINDOW = 1 << 20  # what we let a peer send per stream before it must wait for our acknowledgements
 CONNECTION_WINDOW = 16 << 20  # and on the whole connection (many streams share it)
 MAX_CONCURRENT_STREAMS = 1000
+MAX_HEADER_LIST = 64 * 1024  # the same bound as HTTP/1.1's header section (meshlet.proxy.lean.http1)
 
 
 class _Backlog:
@@ -44,8 +46,12 @@ class H2Endpoint(asyncio.Protocol):
 
     def __init__(self, client_side: bool) -> None:
         self.conn = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
-        self.conn.local_settings.initial_window_size = WINDOW
-        self.conn.local_settings.max_concurrent_streams = MAX_CONCURRENT_STREAMS
+        # Our SETTINGS as initial values: assigning to h2's settings object only queues a change (sent
+        # by no frame until `update_settings`), while h2 would size its own windows by it at once.
+        self.conn.local_settings = Settings(client=client_side, initial_values={
+            SettingCodes.INITIAL_WINDOW_SIZE: WINDOW, SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+        })
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.backlog: dict[int, _Backlog] = {}
         self.write_paused = False

@@ -18,6 +18,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
@@ -97,7 +98,7 @@ class H2Downstream(H2Endpoint):
                 exchange = self.streams.get(stream_id)
                 if exchange is not None:
                     exchange.client_reset()
-            elif isinstance(event, WindowUpdated):
+            elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
                 self.flush_backlog()
             elif isinstance(event, ConnectionTerminated):
                 self.transport.close()
