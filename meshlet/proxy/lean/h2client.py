@@ -118,4 +118,5 @@ class H2Upstream(H2Endpoint):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush_now()
             self.transport.close()

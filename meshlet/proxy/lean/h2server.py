@@ -123,7 +123,7 @@ class H2Downstream(H2Endpoint):
             self.active = None
             self.idle_since = self.engine.loop.time()
             if self.draining or self.engine.draining:
-                self.write_out()
+                self.flush_now()
                 self.transport.close()
 
     def flush(self) -> None:
@@ -145,13 +145,14 @@ class H2Downstream(H2Endpoint):
         self.draining = True
         self.goaway(self.last_stream_id)
         if not self.streams:
-            self.transport.close()
+            self.abort()
 
     def sweep(self, now: float) -> None:
         if not self.streams and now - self.idle_since > self.engine.config.idle_timeout:
             self.drain()
 
     def abort(self) -> None:
+        self.flush_now()
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
