@@ -128,6 +128,7 @@ def test_buffered_client_only_when_a_deadline_or_replay_needs_it():
     assert not needs_pool(decision())
     assert not needs_pool(decision(Retries(1, ("connect-failure",))))
     assert needs_pool(decision(Retries(1, ("5xx",))))
+    assert not needs_pool(decision(Retries(1, ("unavailable", "internal"))))  # gRPC: not the HTTP/1.1 client's
     assert needs_pool(decision(timeout=1.0))
     assert needs_pool(decision(timeout=1.0, tls="mesh"))  # the buffered client speaks mesh mTLS too
 
