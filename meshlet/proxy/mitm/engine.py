@@ -25,7 +25,7 @@ log = logging.getLogger("meshlet.proxy")
 def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
     from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
-    from meshlet.proxy.mitm.h2c import RefuseH2c
+    from meshlet.proxy.mitm.h2c import H2c
     from meshlet.proxy.mitm.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
     from meshlet.proxy.mitm.tunnel import PassThrough
 
@@ -33,7 +33,7 @@ def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
                            config.ca_dir)
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     return [
-        core.Core(), proxyserver.Proxyserver(), *mtls, RefuseH2c(), PassThrough(), next_layer.NextLayer(),
+        core.Core(), proxyserver.Proxyserver(), *mtls, H2c(), PassThrough(), next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         routing,
     ]
