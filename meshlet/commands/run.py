@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshlet.commands import CommandError
+from meshlet.commands import CommandError, print_warnings, refused
 from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.model import Address
 from meshlet.proxy.engine import DEFAULT_ENGINE, ENGINES
@@ -176,9 +175,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CommandError(f"{args.policy}: {e.strerror}") from None
     except PolicyInvalid as e:
-        for error in e.errors[:-1]:
-            print(error, file=sys.stderr)
-        raise CommandError(str(e.errors[-1])) from None
+        raise refused(e) from None
+    print_warnings(applied.warnings)
     if args.ca is not None and args.identity is None:
         raise CommandError("--ca reissues the --identity certificate: give --identity DIR too")
     if args.identity is not None:
