@@ -78,7 +78,9 @@ def meshlet_lean(stack: contextlib.ExitStack, work: Path, backends: dict[str, in
     return port, svc.pids()
 
 
-def h2load(port: int, host: str, seconds: float, connections: int, streams: int, body: Path) -> tuple[float, float, int]:
+def h2load(
+    port: int, host: str, seconds: float, connections: int, streams: int, body: Path,
+) -> tuple[float, float, int]:
     done = subprocess.run(
         ["h2load", "-D", str(round(seconds)), "-c", str(connections), "-m", str(streams), "-d", str(body),
          "-H", f":authority: {host}", "-H", "content-type: application/grpc", "-H", "te: trailers",

@@ -12,7 +12,7 @@ from mesh_support import FRONTEND, REVIEWS, make_mesh, run_sidecar, traffic_poli
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "sidecar"))
 
-from grpc_support import Stub, channel_to, start_grpc_backend  # noqa: E402
+from grpc_support import Stub, channel_to, start_grpc_backend
 
 pytestmark = pytest.mark.engines("lean")  # the mitmproxy engine relays h2c without policy
 

@@ -1,7 +1,8 @@
 """Real gRPC backends (grpcio servers, generic handlers: no generated code) for the HTTP/2 tests.
 
 Each backend answers under the service `demo.Svc`:
-  Echo   unary: `NAME:REQUEST:PEER-IDENTITY`; `fail` aborts UNAVAILABLE, `sleepS` sleeps S seconds first
+  Echo   unary: `NAME:REQUEST:PEER-IDENTITY`; `fail` aborts UNAVAILABLE (every call, on a backend named
+         `down...`), `sleepS` sleeps S seconds first
   Count  server streaming: `N` → N messages `NAME-i`; `big:N:SIZE` → N messages of SIZE bytes
   Sum    client streaming: `NAME:TOTAL-BYTES`
   Chat   bidi streaming: each message back as `NAME>MESSAGE`
@@ -23,7 +24,7 @@ def _handlers(name: str) -> grpc.GenericRpcHandler:
 
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
         metadata = dict(context.invocation_metadata())
-        if request == b"fail":
+        if request == b"fail" or name.startswith("down"):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{name} asked to fail")
         if request.startswith(b"sleep"):
             time.sleep(float(request[5:]))

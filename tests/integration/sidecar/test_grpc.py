@@ -34,6 +34,10 @@ SPLIT = """\
     - name: gone
       match: {headers: {x-gone: "yes"}}
       to: [{backend: gone}]
+    - name: retried
+      match: {headers: {x-retry: "yes"}}
+      to: [{backend: down, weight: 100}, {backend: v1, weight: 0}]
+      retries: {attempts: 1, retryOn: [unavailable]}
     - name: canary
       to: [{backend: v1, weight: 70}, {backend: v2, weight: 30}]
 """
@@ -41,7 +45,7 @@ SPLIT = """\
 
 @pytest.fixture(scope="module")
 def grpc_backends():
-    started = {name: start_grpc_backend(name) for name in ("v1", "v2")}
+    started = {name: start_grpc_backend(name) for name in ("v1", "v2", "down")}
     yield {name: port for name, (_, port) in started.items()}
     for server, _ in started.values():
         server.stop(0)
@@ -120,6 +124,13 @@ def test_unreachable_backend_answers_unavailable(stub):
         stub.echo(b"x", metadata=(("x-gone", "yes"),), timeout=10)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "meshlet: backend 'gone' unavailable" in failed.value.details()
+
+
+def test_unavailable_is_retried_on_the_next_backend(sidecar, stub):
+    """gRPC errors come as HTTP 200 with grpc-status: `retryOn: [unavailable]` reads the trailers."""
+    before = grpc_counts(sidecar)
+    assert {backend_of(stub.echo(b"x", metadata=(("x-retry", "yes"),), timeout=10)) for _ in range(10)} == {"v1"}
+    assert grpc_counts(sidecar)[("retried", "v1", "0")] - before[("retried", "v1", "0")] == 10
 
 
 def grpc_counts(sidecar) -> Counter:
