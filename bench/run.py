@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {what}")
     if idle:
         print(textwrap.fill("idle RSS of the largest worker, after start and a few requests: "
-                            + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in idle.items()), 120))
+                            + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in idle.items()), 120,
+                            break_on_hyphens=False))
     short = SHORT[args.engine]
     subjects = goals.Subjects(plain=f"meshlet-{short}-2hop", mtls=f"meshlet-{short}-mtls")
     checks = goals.checklist(rows, subjects, idle, own)

@@ -67,7 +67,7 @@ def checklist(
     def idle_rss() -> Outcome:
         idle = idle_rss_mib[s.lean]
         peak = max((r.largest_rss_mb or 0 for r in rows if r.target == s.lean), default=0)
-        under_load = f"; peak under load {peak:.1f} MiB" if peak else ""
+        under_load = f"; peak (VmHWM) by the end of the load {peak:.1f} MiB" if peak else ""
         return f"{idle:.1f} MiB idle ({s.lean}){under_load}", idle <= 35
 
     def mtls_hop() -> Outcome:
