@@ -27,6 +27,8 @@ def seconds_per_request(max_time: float) -> float:
                 f"--benchmark-max-time={max_time:g}", "--benchmark-min-rounds=1000"]
         done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300 + max_time)
         if done.returncode or not out.exists():
-            lines = (done.stdout + done.stderr).strip().splitlines() or ["no output"]
-            raise RuntimeError(f"{OWN_CODE_TEST} failed: {lines[-1]}")
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            # pytest's first `E ` line is the failed assertion or the error; else its summary line
+            why = next((line[1:].strip() for line in lines if line.startswith("E ")), lines[-1] if lines else "")
+            raise RuntimeError(f"{OWN_CODE_TEST} failed: {why or 'no output'}")
         return json.loads(out.read_text())["benchmarks"][0]["stats"]["median"]
