@@ -151,13 +151,11 @@ def _cluster(args: argparse.Namespace) -> Cluster | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshlet.mtls.files import IdentityError, read_identity
-    from meshlet.mtls.reissue import Reissuer
+    from meshlet.mtls.errors import IdentityError
     from meshlet.mtls.requirements import require_identity
     from meshlet.proxy.config import SidecarConfig
     from meshlet.proxy.serve import StartupError, run_serve, setup_logging
     from meshlet.proxy.state import compile_policy
-    from meshlet.proxy.supervisor import supervise
     from meshlet.rollout.service import RolloutOptions
 
     engine, addons = _engine(args), _addons(args.addon)
@@ -181,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--ca reissues the --identity certificate: give --identity DIR too")
     if args.identity is not None:
         try:
+            from meshlet.mtls.files import read_identity
+            from meshlet.mtls.reissue import Reissuer
+
             read_identity(args.identity)  # checked once here, before any worker starts
             if args.ca is not None:
                 Reissuer(args.identity, args.ca)
@@ -219,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.workers == 1:
             return run_serve(config, applied, ready, rollout)
+        from meshlet.proxy.supervisor import supervise  # a worker-serving CLI never loads it
+
         return asyncio.run(supervise(config, applied, args.workers, ready, rollout))
     except (StartupError, IdentityError) as e:
         raise CommandError(str(e)) from None
