@@ -113,7 +113,8 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     except ValueError as e:
         raise CommandError(f"agent: {e}") from None
     return AgentConfig(ports, qos[0] if qos else None, args.interface, interval, **pins, accel=accel,
-                       policy_files=tuple(Path(p) for p in args.policy), kernel_vips=tuple(args.kernel_vip))
+                       policy_files=tuple(Path(p) for p in args.policy), kernel_vips=tuple(args.kernel_vip),
+                       extra_ports=frozenset(extra))
 
 
 def _port(text: str, flag: str) -> int:

@@ -20,6 +20,7 @@ from meshlet.policy import load_file
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).parents[3]
+PINS = ["classes", "hist", "pods", "ports", "workloads"]
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_sigterm_removes_everything_attached(setup, tmp_path):
         tree, filters = kernel_state(pair.left, pair.left_if)
         assert tree is not None and changes(tree_for(load_file(str(policy)).qos[0]), tree) == []
         assert filters == [tc.FILTER_NAME]
-        assert sorted(p.name for p in pin_dir.iterdir()) == ["classes", "hist", "ports"]
+        assert sorted(p.name for p in pin_dir.iterdir()) == PINS
 
         # Traffic on the latency port inside the namespace shows up in `meshlet stats`.
         with inside(pair.left):
@@ -96,7 +97,7 @@ def test_restart_after_kill_9_reconciles_without_duplicates(setup, tmp_path):
         assert changes(tree_for(load_file(str(policy)).qos[0]), tree) == []
         qos_lines = [line.split(" ", 2)[2] for line in (tmp_path / "second.log").read_text().splitlines() if " qos: " in line]
         assert qos_lines == [f"qos: change class 1:12 bulk rate 20000000bit ceil 100000000bit prio 2 on {pair.left_if}"]
-        assert sorted(p.name for p in pin_dir.iterdir()) == ["classes", "hist", "ports"]
+        assert sorted(p.name for p in pin_dir.iterdir()) == PINS
         assert second.stop(signal.SIGTERM) == 0
         assert kernel_state(pair.left, pair.left_if) == (None, [])
     finally:

@@ -164,7 +164,8 @@ def test_loop_cuts_bulk_under_contention_then_restores(routed_path, tmp_path, pi
         assert after and after[len(after) // 2] < slo, (after, agent.log.read_text())
         # The flood overflows the link's queue: its drops show up as retransmits of the bulk port.
         retransmits = samples(agent.metrics(), "meshlet_tcp_retransmits_total")
-        assert retransmits.get((("direction", "out"), ("port", str(bulk_port))), 0) > 0, retransmits
+        bulk = (("direction", "out"), ("namespace", ""), ("port", str(bulk_port)), ("workload", ""))
+        assert retransmits.get(bulk, 0) > 0, retransmits
         flood.stop()
 
         wait_for(lambda: bulk_ceil(agent) == 100 * MBIT, 60, "the bulk ceil to be restored after the flood")
