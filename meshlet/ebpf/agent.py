@@ -35,7 +35,7 @@ from meshlet.policy import PolicyInvalid, load_files
 from meshlet.policy.model import PolicySet, QoSPolicy, TrafficPolicy
 from meshlet.telemetry.node import AgentMetrics, TcpCollector, TcpSnapshot, quantile
 
-__all__ = ["AgentConfig", "AgentError", "NodeAgent", "NodePlan", "PlanSource", "stop_on_signals"]
+__all__ = ["AgentConfig", "AgentError", "NodeAgent", "NodePlan", "PlanSource", "Problem", "stop_on_signals"]
 
 log = logging.getLogger("meshlet.agent")
 BOUNDS = (*hist.bounds_seconds(), math.inf)
@@ -55,6 +55,22 @@ class AgentConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Problem:
+    """A policy the agent could not (fully) apply, for the log and the error counter; `error`
+    False is a note, not a failure (an `auto` policy the proxy keeps)."""
+
+    kind: str
+    namespace: str
+    name: str
+    message: str
+    error: bool = True
+
+    def __str__(self) -> str:
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind.lower()}/{where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
 class NodePlan:
     """What the kernel should hold, whoever decided it."""
 
@@ -66,6 +82,7 @@ class NodePlan:
     targets: Mapping[Path, int] = field(default_factory=dict)  # cgroup → scope: the hooks go there
     splits: tuple[KernelSplit, ...] = ()
     names: Mapping[Path, str] = field(default_factory=dict)  # cgroup → how logs name it (a Pod)
+    problems: tuple[Problem, ...] = ()  # what the source could not apply: logged once, counted
 
 
 class PlanSource(Protocol):
@@ -94,6 +111,7 @@ class NodeAgent:
         self.shaper: Shaper | None = None
         self.plan = NodePlan()
         self._refusals: dict[Path, str] = {}
+        self._reported: set[str] = set()
 
     def run(self, ready: Callable[[], None] = lambda: None) -> None:
         """Attach everything, loop until `stop` is set, then detach everything.
@@ -140,6 +158,7 @@ class NodeAgent:
         """Move the kernel to `plan`. With `strict`, the first refusal is raised (the agent
         exits 1 with it); otherwise it is logged, counted, and the rest goes on."""
         assert self.observer is not None and self.shaper is not None
+        self._report(plan.problems)
         try:
             self.shaper.apply(plan.qos, plan.interface, plan.pod_classes)
         except (LookupError, AgentError) as e:
@@ -153,6 +172,18 @@ class NodeAgent:
         if self.accel is not None:
             self._apply_hooks(plan, strict)
         self.plan = plan
+
+    def _report(self, problems: tuple[Problem, ...]) -> None:
+        """Each problem once while it lasts (not every interval); errors count."""
+        for problem in problems:
+            if str(problem) in self._reported:
+                continue
+            if problem.error:
+                log.warning("agent: %s", problem)
+                self.metrics.policy_errors.labels(problem.kind, problem.namespace, problem.name).inc()
+            else:
+                log.info("agent: %s", problem)
+        self._reported = {str(p) for p in problems}
 
     def _apply_hooks(self, plan: NodePlan, strict: bool) -> None:
         assert self.accel is not None
