@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ class Shaper:
             self._attach_classifier()
         elif policy == self.policy and pods == self._pod_classes:
             return
+        if pods != self._pod_classes:
+            counts = Counter(pods.values())
+            log.info("qos: Pods by class on %s now %s", interface,
+                     " ".join(f"{name}={counts[name]}" for name in sorted(counts)) or "none (ports only)")
         self.policy, self._pod_classes = policy, pods
         assert self.tree is not None
         fill_map(self._classifier[b"classes"], port_classes(policy, self.tree))

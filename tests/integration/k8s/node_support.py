@@ -37,7 +37,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "ebpf"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "accel"))
 from agent_support import Workload
+from ebpf_support import Flood as Flood  # the QoS tests' traffic, re-exported
+from ebpf_support import Pinger as Pinger
+from ebpf_support import echo as echo
 from ebpf_support import inside
+from ebpf_support import sink as sink
 from fake_apiserver import FakeApiServer, kubeconfig
 
 from meshlet.ebpf import bpfsys, capability
