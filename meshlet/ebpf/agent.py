@@ -120,6 +120,8 @@ class NodeAgent:
         failure half-way (or a failing removal) still undoes all the rest, in reverse order.
         """
         with contextlib.ExitStack() as undo:
+            self.source.start()  # first: a source that cannot start (a wrong --node) touches no kernel state
+            undo.callback(self.source.stop)
             unpin_all(self.config.pin_dir)  # a crashed agent's pins
             undo.callback(unpin_all, self.config.pin_dir)
             self.observer = kernel(
@@ -134,8 +136,6 @@ class NodeAgent:
                 self.accel = Acceleration(accel.sockmap, accel.sidecar_ports, self.registry,
                                           self.config.pin_dir.parent)
                 undo.callback(self.accel.stop)
-            self.source.start()
-            undo.callback(self.source.stop)
             first = self.source.poll()
             self._apply(first or NodePlan(ports=self.config.ports), strict=self.strict_start)
             log.info("agent: watching ports %s", ",".join(map(str, sorted(self.plan.ports))) or "(none)")

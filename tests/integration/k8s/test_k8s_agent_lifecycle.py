@@ -116,3 +116,13 @@ def test_kill_9_then_restart_adopts_the_pins_and_attaches_nothing_twice(tmp_path
             assert attached(a.cgroup, attach_type) == ()
         assert pins(node) == [], "SIGTERM removes every pin"
         assert "Traceback" not in second.text()
+
+
+def test_a_wrong_node_name_is_one_line_and_leaves_nothing(tmp_path):
+    """A typo in --node would otherwise be a node that silently has no Pods."""
+    with cluster_node(tmp_path) as node:
+        agent = node.agent("--node", "agt-nosuch", ready=False)  # the last --node wins
+        assert agent.process.wait(timeout=60) == 1
+        assert agent.text().splitlines()[-1] == \
+            "meshlet: agent: node agt-nosuch not found: --node (or $NODE_NAME) must name this node"
+        assert pins(node) == [] and "Traceback" not in agent.text()
