@@ -6,17 +6,21 @@ the split a split too), so a node without meshed Pods holds no program, map or p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshlet.ebpf import hooks
 from meshlet.ebpf.accel import MAX_PORTS, SIDECAR_PORTS, SOCKMAP, SockmapAccelerator
-from meshlet.ebpf.cgroup import UNIFIED
+from meshlet.ebpf.cgroup import UNIFIED, Cgroup
 from meshlet.ebpf.hooks import PIN_ROOT
 from meshlet.ebpf.kernel_split import SPLIT, KernelSplit, KernelSplitter, parse_vips, plan_splits
 from meshlet.policy.model import TrafficPolicy
 from meshlet.telemetry.accel import AccelCollector, SockmapReading
+
+log = logging.getLogger("meshlet.agent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,26 @@ class Acceleration:
             splitter.stop()
         self.targets, self.splits = dict(targets), splits
         return errors
+
+    def sweep(self, cgroups: Iterable[Path], targets: Mapping[Path, int], splits: tuple[KernelSplit, ...]) -> None:
+        """Once, at start: what a dead agent left that this one will not take over. Its programs
+        go from the cgroups this plan does not hook (on the others, attaching replaces them); a
+        lever this plan does not use loses them everywhere, and its pinned maps are adopted and
+        freed the way a stop frees them (the sockhash only once its sockets are gone)."""
+        levers = ((SOCKMAP, self.sockmap_on and bool(targets), lambda p: SockmapAccelerator(self.sidecar_ports, p)),
+                  (SPLIT, bool(splits and targets), KernelSplitter))
+        for spec, used, leftover in levers:
+            stale = [Cgroup(path) for path in cgroups if not used or path not in targets]
+            for path in hooks.sweep(spec, stale):
+                log.info("agent: removed a previous agent's %s hooks from %s", spec.name, path)
+            pin_dir = self.pin_root / spec.name
+            if not used and pin_dir.is_dir():
+                lever = leftover(pin_dir)
+                try:
+                    lever.start()
+                finally:
+                    lever.stop()
+                log.info("agent: freed a previous agent's %s maps in %s", spec.name, pin_dir)
 
     def attached(self) -> frozenset[Path]:
         """The cgroups every lever that is on has reached."""

@@ -83,6 +83,7 @@ class NodePlan:
     splits: tuple[KernelSplit, ...] = ()
     names: Mapping[Path, str] = field(default_factory=dict)  # cgroup → how logs name it (a Pod)
     problems: tuple[Problem, ...] = ()  # what the source could not apply: logged once, counted
+    sweep: frozenset[Path] | None = None  # once, at start: every workload cgroup a dead agent may have hooked
 
 
 class PlanSource(Protocol):
@@ -189,6 +190,8 @@ class NodeAgent:
         assert self.accel is not None
         before, previous_splits = self.accel.attached(), self.accel.splits
         try:
+            if plan.sweep is not None:
+                kernel("remove a previous agent's hooks", self.accel.sweep, plan.sweep, plan.targets, plan.splits)
             refused = kernel("apply the kernel splits", self.accel.apply, plan.targets, plan.splits)
         except (AgentError, OSError) as e:
             if strict:
@@ -230,9 +233,10 @@ class FilePlans:
 
     def poll(self) -> NodePlan | None:
         if self._first:
-            self._first = False
             splits = self.config.accel.splits if self.config.accel else ()
-            return self._plan(self.config.qos, self.config.ports, splits)
+            plan = self._plan(self.config.qos, self.config.ports, splits)
+            self._first = False
+            return plan
         stamp = _stamp(self.config.policy_files)
         if stamp == self._stamp and not self.reload.is_set():
             return None
@@ -255,7 +259,9 @@ class FilePlans:
     def _plan(self, qos: QoSPolicy | None, ports: frozenset[int], splits: tuple[KernelSplit, ...]) -> NodePlan:
         accel = self.config.accel
         targets = {accel.cgroup: LOCAL_SCOPE} if accel is not None and accel.cgroup is not None else {}
-        return NodePlan(qos=qos, interface=self.config.interface, ports=ports, targets=targets, splits=splits)
+        sweep = frozenset(targets) if self._first else None
+        return NodePlan(qos=qos, interface=self.config.interface, ports=ports, targets=targets, splits=splits,
+                        sweep=sweep)
 
 
 def _one_qos(policies: PolicySet) -> QoSPolicy | None:

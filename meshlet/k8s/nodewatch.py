@@ -10,8 +10,9 @@ Access is read-only: list and watch, and get on the Node.
 `poll()` turns the current objects into a `NodePlan` when something changed: the pure
 `Planner` decides, this edge finds each meshed Pod's cgroup under the kubelet's root. A Pod
 whose cgroup is not there yet (the sandbox is being created) is looked for again at the next
-poll. The first plan after every watch has listed once also sweeps meshlet programs off Pod
-cgroups that should no longer have them (a Pod no longer meshed while no agent ran).
+poll. The first plan after every watch has listed once also names every Pod cgroup of the node
+for the agent to sweep: a dead agent's programs come off those this plan does not hook (a Pod
+no longer meshed while no agent ran).
 """
 
 from __future__ import annotations
@@ -23,11 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from meshlet.ebpf import hooks
-from meshlet.ebpf.accel import SOCKMAP
 from meshlet.ebpf.agent import NodePlan
-from meshlet.ebpf.cgroup import Cgroup
-from meshlet.ebpf.kernel_split import SPLIT
 from meshlet.k8s.kube import GROUP, PLURALS, VERSION, Cluster, KubeError, api_call, list_watch
 from meshlet.k8s.kubelet import pod_cgroups
 from meshlet.k8s.nodeplan import ClusterState, Planner
@@ -105,19 +102,12 @@ class ClusterPlans:
             if path is not None:
                 targets[path], names[path] = pod.scope, f"pod {pod.namespace}/{pod.name}"
         self._pending = len(targets) < len(plan.meshed)
-        if synced and not self._swept:
-            self._sweep(set(cgroups.values()) - set(targets))
+        sweep = None
+        if synced and not self._swept:  # only once the whole cluster is known: what is not wanted is stale
+            self._swept, sweep = True, frozenset(cgroups.values())
         return NodePlan(qos=plan.qos, interface=self.interface, ports=plan.ports, pod_classes=plan.pod_classes,
                         workloads=plan.workloads, targets=targets, splits=plan.splits, names=names,
-                        problems=plan.problems)
-
-    def _sweep(self, others: set[Path]) -> None:
-        """A previous agent's hooks on Pod cgroups this plan does not hook (theirs are replaced by attaching)."""
-        self._swept = True
-        for spec in (SOCKMAP, SPLIT):
-            for path in hooks.sweep(spec, (Cgroup(p) for p in sorted(others))):
-                log.info("agent: removed a previous agent's %s hooks from %s (not a meshed Pod of this node now)",
-                         spec.name, path)
+                        problems=plan.problems, sweep=sweep)
 
     # -- the watches' callbacks (their threads) ----------------------------------------------
 

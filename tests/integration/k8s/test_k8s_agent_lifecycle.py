@@ -30,6 +30,13 @@ REDIRECTED = ("meshlet_accel_redirected_bytes_total", ())
 HOOKED = ("meshlet_agent_hooked_cgroups", ())
 
 
+def reviews(dataplane: str) -> dict:
+    return {"apiVersion": "meshlet.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": "reviews", "namespace": "shop"},
+            "spec": {"host": "reviews", "dataplane": dataplane, "backends": {"v1": {"address": "reviews-v1:9080"}},
+                     "routes": [{"name": "all", "to": [{"backend": "v1"}]}]}}
+
+
 def pins(node) -> list[str]:
     return sorted(p.name for p in node.pin_base.iterdir()) if node.pin_base.exists() else []
 
@@ -78,10 +85,7 @@ def test_kill_9_then_restart_adopts_the_pins_and_attaches_nothing_twice(tmp_path
         vip = node.service("reviews", 10)
         v1 = node.service("reviews-v1", 11)
         node.start([sys.executable, "-c", HTTP_BACKENDS, f"vip,{vip},9080", f"v1,{v1},9080"], node.services)
-        node.api.put({"apiVersion": "meshlet.dev/v1alpha1", "kind": "TrafficPolicy",
-                      "metadata": {"name": "reviews", "namespace": "shop"},
-                      "spec": {"host": "reviews", "dataplane": "kernel", "backends": {"v1": {"address": "reviews-v1:9080"}},
-                               "routes": [{"name": "all", "to": [{"backend": "v1"}]}]}})
+        node.api.put(reviews("kernel"))
         a, c = node.pod("a"), node.pod("c")
         wa = node.workload(a)
         port = wa.call("listen")["port"]
@@ -116,6 +120,30 @@ def test_kill_9_then_restart_adopts_the_pins_and_attaches_nothing_twice(tmp_path
             assert attached(a.cgroup, attach_type) == ()
         assert pins(node) == [], "SIGTERM removes every pin"
         assert "Traceback" not in second.text()
+
+
+def test_a_restart_that_needs_neither_lever_removes_what_the_dead_agent_left(tmp_path):
+    """Killed with both levers on; meanwhile the policy went back to the proxy, and the new agent
+    runs without --accelerate: none of the dead agent's hooks or maps may keep working."""
+    with cluster_node(tmp_path) as node:
+        vip, v1 = node.service("reviews", 10), node.service("reviews-v1", 11)
+        node.start([sys.executable, "-c", HTTP_BACKENDS, f"vip,{vip},9080", f"v1,{v1},9080"], node.services)
+        node.api.put(reviews("kernel"))
+        a = node.pod("a")
+        node.publish(a)
+        first = node.agent("--accelerate")
+        first.wait_for_log(ATTACHED.format("a"))
+        assert app(a, "reviews", vip, 3)["names"] == {"v1": 3}
+        first.stop(signal.SIGKILL)
+        node.api.put(reviews("proxy"))
+
+        second = node.agent()
+        second.wait_for_log("agent: freed a previous agent's split maps")
+        for attach_type in (CGROUP_SOCK_OPS, CGROUP_INET4_CONNECT, CGROUP_INET4_GETPEERNAME):
+            assert attached(a.cgroup, attach_type) == ()
+        assert pins(node) == ["agent"]
+        assert app(a, "reviews", vip, 3)["names"] == {"vip": 3}, "the stale split is gone with its maps"
+        assert second.stop() == 0 and pins(node) == []
 
 
 def test_a_wrong_node_name_is_one_line_and_leaves_nothing(tmp_path):
