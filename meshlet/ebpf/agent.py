@@ -14,6 +14,7 @@ attached twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -113,6 +114,7 @@ class NodeAgent:
         self.plan = NodePlan()
         self._refusals: dict[Path, str] = {}
         self._reported: set[str] = set()
+        self._retry: NodePlan | None = None
 
     def run(self, ready: Callable[[], None] = lambda: None) -> None:
         """Attach everything, loop until `stop` is set, then detach everything.
@@ -151,28 +153,32 @@ class NodeAgent:
                 current = self.observer.snapshot()
                 self.shaper.step(class_p99(self.shaper.policy, previous, current))
                 previous = current
-            plan = self.source.poll()
+            plan = self.source.poll() or self._retry  # a plan the kernel refused in part is tried again
             if plan is not None:
                 self._apply(plan, strict=False)
 
     def _apply(self, plan: NodePlan, strict: bool) -> None:
         """Move the kernel to `plan`. With `strict`, the first refusal is raised (the agent
-        exits 1 with it); otherwise it is logged, counted, and the rest goes on."""
+        exits 1 with it); otherwise it is logged once, counted, the rest goes on, and the plan
+        is tried again next interval (an interface or a cgroup that was not there yet)."""
         assert self.observer is not None and self.shaper is not None
-        self._report(plan.problems)
+        problems = list(plan.problems)
+        complete = True
         try:
             self.shaper.apply(plan.qos, plan.interface, plan.pod_classes)
         except (LookupError, AgentError) as e:
             if strict:
                 raise
             name = plan.qos.metadata.name if plan.qos else "?"
-            log.warning("agent: qospolicy/%s: not applied, no shaping: %s", name, e.args[0])
-            self.metrics.policy_errors.labels("QoSPolicy", "", name).inc()
+            problems.append(Problem("QoSPolicy", "", name, f"not applied, no shaping: {e.args[0]}"))
+            complete = False
         self.observer.set_ports(plan.ports)
         self.observer.set_workloads(plan.workloads)
         if self.accel is not None:
-            self._apply_hooks(plan, strict)
+            complete &= self._apply_hooks(plan, strict)
+        self._report(problems)
         self.plan = plan
+        self._retry = None if complete else dataclasses.replace(plan, sweep=None)
 
     def _report(self, problems: tuple[Problem, ...]) -> None:
         """Each problem once while it lasts (not every interval); errors count."""
@@ -186,7 +192,8 @@ class NodeAgent:
                 log.info("agent: %s", problem)
         self._reported = {str(p) for p in problems}
 
-    def _apply_hooks(self, plan: NodePlan, strict: bool) -> None:
+    def _apply_hooks(self, plan: NodePlan, strict: bool) -> bool:
+        """The cgroup hooks and kernel splits of `plan`; False if a cgroup refused (try again)."""
         assert self.accel is not None
         before, previous_splits = self.accel.attached(), self.accel.splits
         try:
@@ -196,8 +203,9 @@ class NodeAgent:
         except (AgentError, OSError) as e:
             if strict:
                 raise
+            # Not tried again by itself (a program that did not load will not load next second): the next plan will.
             log.warning("agent: cgroup hooks not applied, keeping what runs: %s", e.args[-1] if e.args else e)
-            return
+            return True
         if refused and strict:
             raise HookError(next(iter(refused.values())))
         for path, reason in refused.items():
@@ -213,6 +221,7 @@ class NodeAgent:
         if plan.splits != previous_splits:
             described = ", ".join(_describe(s) for s in plan.splits) or "none (hooks detached)"
             log.info("agent: kernel splits now %s", described)
+        return not refused
 
 
 class FilePlans:

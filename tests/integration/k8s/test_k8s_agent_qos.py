@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import statistics
+import subprocess
 import threading
 import time
 
@@ -93,3 +94,20 @@ def test_a_pods_label_chooses_its_class_under_contention(tmp_path):
         agent.wait_for_log(f"agent: removed clsact=True htb=True from {node.uplink}")
         assert agent.stop() == 0, agent.text()
         assert "Traceback" not in agent.text()
+
+
+def test_a_policy_for_an_interface_not_there_yet_is_one_error_then_applies(tmp_path):
+    with cluster_node(tmp_path) as node:
+        later = f"agt{node.tag}l"
+        node.api.put(qos_policy(later))
+        agent = node.agent()
+        missing = f"agent: qospolicy/node: not applied, no shaping: interface {later} not found (QoSPolicy node)"
+        agent.wait_for_log(missing)
+        errors = ("meshlet_agent_policy_errors_total", (("kind", "QoSPolicy"), ("namespace", ""), ("policy", "node")))
+        assert agent.metrics()[errors] == 1
+        subprocess.run(["ip", "-n", node.netns, "link", "add", later, "type", "veth", "peer", "name", f"{later}p"],
+                       check=True, timeout=30)  # no dummy driver in this kernel
+        agent.wait_for_log(f"qos: create-root htb 1: default 1:11 on {later}")
+        assert agent.text().count(missing) == 1, "tried again every interval, said once"
+        assert agent.metrics()[errors] == 1
+        assert agent.stop() == 0
