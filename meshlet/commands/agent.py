@@ -6,10 +6,14 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshlet.commands import CommandError
 from meshlet.ebpf.agent import AgentConfig
 from meshlet.policy import PolicyInvalid, load_files
+
+if TYPE_CHECKING:  # the kubernetes client loads only with --kube
+    from meshlet.k8s.nodewatch import ClusterPlans
 
 EPILOG = """examples:
   meshlet agent --ports 8080,9081                 observe TCP on two ports, metrics on :15090
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_source(args: argparse.Namespace, config: AgentConfig):  # -> ClusterPlans
+def _cluster_source(args: argparse.Namespace, config: AgentConfig) -> ClusterPlans:
     from meshlet.k8s import kube
     from meshlet.k8s.nodewatch import ClusterPlans
 
