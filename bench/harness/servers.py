@@ -18,10 +18,11 @@ def start_backends(stack: contextlib.ExitStack, work: Path) -> dict[str, int]:
     return backends
 
 
-def nginx_conf(workdir: Path, ports: dict[str, int]) -> Path:
-    """One nginx worker serving each named backend on its port with a tiny fixed body."""
+def nginx_conf(workdir: Path, ports: dict[str, int], hosts: dict[str, str] | None = None) -> Path:
+    """One nginx worker serving each named backend on its port (and address: `hosts`, default
+    loopback) with a tiny fixed body."""
     servers = "\n".join(
-        f"    server {{ listen 127.0.0.1:{port} reuseport; keepalive_requests 1000000; "
+        f"    server {{ listen {(hosts or {}).get(name, '127.0.0.1')}:{port} reuseport; keepalive_requests 1000000; "
         f"location / {{ return 200 '{name}\\n'; }} }}"
         for name, port in ports.items()
     )

@@ -7,7 +7,7 @@ import sys
 
 from meshlet.commands import print_warnings
 from meshlet.policy import PolicyInvalid, load_file
-from meshlet.policy.model import PolicySet
+from meshlet.policy.model import PolicySet, TrafficPolicy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +42,21 @@ def summarize(policies: PolicySet) -> str:
     parts = []
     for policy in policies.traffic:
         routes = len(policy.routes)
-        parts.append(f"TrafficPolicy {policy.metadata.name} host={policy.host} {routes} route{'s' * (routes != 1)}")
+        parts.append(f"TrafficPolicy {policy.metadata.name} host={policy.host} {routes} route{'s' * (routes != 1)}"
+                     f"{dataplane(policy)}")
     for qos in policies.qos:
         parts.append(f"QoSPolicy {qos.metadata.name} on {qos.interface} {len(qos.classes)} classes")
     return "; ".join(parts)
+
+
+def dataplane(policy: TrafficPolicy) -> str:
+    """Where `auto` puts the policy, and what keeps it in the proxy (the same rule the agent applies)."""
+    from meshlet.ebpf.kernel_split import needs_l7
+
+    if policy.dataplane != "auto":
+        return "" if policy.dataplane == "proxy" else ", dataplane kernel"
+    found = needs_l7(policy)
+    if found is None:
+        return ", dataplane auto: kernel"
+    mark, reason = found
+    return f", dataplane auto: proxy ({reason}, at {mark})"

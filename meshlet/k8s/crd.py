@@ -44,6 +44,8 @@ SECTIONS: dict[str, type] = {
     "QoSPolicy.spec": model.QoSPolicy,
     "qosClass": model.QosClass,
     "slo": model.Slo,
+    "labelSelector": model.LabelSelector,
+    "labelRequirement": model.LabelRequirement,
 }
 # Sections that are not the spec of a policy but Kubernetes' own envelope.
 ENVELOPE = ("document", "metadata")
@@ -56,6 +58,10 @@ RENAMED: dict[tuple[str, str], str] = {
     ("analysis.success_rate", "min"): "min_success_rate",
     ("analysis.p99", "max"): "max_p99",
     ("retries", "retryOn"): "on",
+    ("qosClass", "podSelector"): "pod_selector",
+    ("QoSPolicy.spec", "nodeSelector"): "node_selector",
+    ("labelSelector", "matchLabels"): "match_labels",
+    ("labelSelector", "matchExpressions"): "match_expressions",
 }
 # YAML mappings that fold into their parent's class: field → the section describing them.
 NESTED: dict[tuple[str, str], str] = {
@@ -87,6 +93,7 @@ FORMS: dict[tuple[str, str], dict] = {
     ("match", "headers"): {"type": "object", "additionalProperties": _LOOSE},
     ("match", "cookies"): {"type": "object", "additionalProperties": _LOOSE},
     ("match", "method"): _LOOSE,
+    ("labelSelector", "matchLabels"): {"type": "object", "additionalProperties": {"type": "string"}},
 }
 # Bounds the loader enforces, merged into the derived schema; (section, "") is the mapping itself.
 BOUNDS: dict[tuple[str, str], dict] = {

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshlet import __version__
+from meshlet.ebpf.kernel_split import BYPASS_MARK
 
 PROXY_NAME = "meshlet-proxy"
 INIT_NAME = "meshlet-init"
@@ -184,7 +185,12 @@ def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
     Safe to run twice in the same network namespace (an init container retried after a
     failure): chains are flushed, not duplicated, and the jumps are added only if missing.
     Excluded: the proxy's own UID (or it would loop into itself), the admin port inbound
-    (probes and scrapes reach it directly), and loopback destinations and DNS outbound.
+    (probes and scrapes reach it directly), loopback destinations and DNS outbound, and
+    connections the node agent already split in the kernel: its connect4 hook marks them
+    (`BYPASS_MARK`) as it rewrites them, so the sidecar never splits them a second time. Only
+    the agent's hook sets that mark (an app would need NET_ADMIN to set SO_MARK, and with it
+    could flush these rules anyway), and the set of kernel-handled hosts can change at any
+    time without touching the Pod: the mark travels with each connection.
     """
     inbound, outbound = "MESHLET_INBOUND", "MESHLET_OUTPUT"
     rules = [
@@ -193,6 +199,7 @@ def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
         *(f"ipt -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
         f"ipt -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
         f"ipt -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
+        f"ipt -A {outbound} -m mark --mark {BYPASS_MARK:#x} -j RETURN",
         f"ipt -A {outbound} -d 127.0.0.0/8 -j RETURN",
         f"ipt -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
         *(f"ipt -A {outbound} -p tcp --dport {port} -j RETURN" for port in bypass.outbound),

@@ -142,7 +142,7 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
     errors: list[PolicyError] = []
     names: dict[tuple[str, str, str], Mark] = {}
     hosts: dict[tuple[str, str], Mark] = {}
-    interfaces: dict[str, Mark] = {}
+    interfaces: dict[tuple[str, object], Mark] = {}
     for policy in policies:
         meta = policy.metadata
         key = (policy.kind, meta.namespace, meta.name)
@@ -157,8 +157,10 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
                                           f"{hosts[host_key]}; one policy per host"))
             hosts.setdefault(host_key, policy.mark)
         else:
-            if policy.interface in interfaces:
+            # Policies for other nodes (another nodeSelector) may name the same interface.
+            shaped = (policy.interface, policy.node_selector)
+            if shaped in interfaces:
                 errors.append(PolicyError(policy.mark, f"interface {policy.interface!r} already has a QoSPolicy "
-                                          f"(at {interfaces[policy.interface]})"))
-            interfaces.setdefault(policy.interface, policy.mark)
+                                          f"for the same nodes (at {interfaces[shaped]})"))
+            interfaces.setdefault(shaped, policy.mark)
     return errors

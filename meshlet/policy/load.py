@@ -26,8 +26,11 @@ from meshlet.policy.model import (
     DATAPLANES,
     MTLS_MODES,
     RETRY_CONDITIONS,
+    SELECTOR_OPERATORS,
     Analysis,
     Backend,
+    LabelRequirement,
+    LabelSelector,
     Mark,
     Match,
     Metadata,
@@ -72,9 +75,11 @@ FIELDS: dict[str, dict[str, bool]] = {
     "retries": {"attempts": True, "retryOn": False},
     "mtls": {"mode": False, "allow": False},
     "qos": {"class": True},
-    "QoSPolicy.spec": {"interface": True, "classes": True},
-    "qosClass": {"priority": True, "rate": True, "ceil": False, "ports": False, "slo": False},
+    "QoSPolicy.spec": {"interface": True, "classes": True, "nodeSelector": False},
+    "qosClass": {"priority": True, "rate": True, "ceil": False, "ports": False, "slo": False, "podSelector": False},
     "slo": {"p99": True},
+    "labelSelector": {"matchLabels": False, "matchExpressions": False},
+    "labelRequirement": {"key": True, "operator": True, "values": False},
 }
 # Deprecated field names, still read: section → {old name: (new name, why it changed)}.
 DEPRECATED: dict[str, dict[str, tuple[str, str]]] = {
@@ -475,9 +480,10 @@ def _qos_policy(r: Reader, node: yaml.Node, metadata: Metadata, where: str) -> Q
     if interface is not None and (len(interface) > 15 or "/" in interface or " " in interface):
         r.error(spec["interface"], f"{where}.interface: {interface!r} is not a valid interface name")
     classes = _qos_classes(r, spec["classes"], f"{where}.classes") if "classes" in spec else None
-    if interface is None or classes is None:
+    nodes = _selector(r, spec["nodeSelector"], f"{where}.nodeSelector") if "nodeSelector" in spec else None
+    if interface is None or classes is None or ("nodeSelector" in spec and nodes is None):
         return None
-    return QoSPolicy(metadata, interface, classes, mark=r.mark(node))
+    return QoSPolicy(metadata, interface, classes, nodes, mark=r.mark(node))
 
 
 def _qos_classes(r: Reader, node: yaml.Node, where: str) -> tuple[QosClass, ...] | None:
@@ -508,7 +514,50 @@ def _qos_classes(r: Reader, node: yaml.Node, where: str) -> tuple[QosClass, ...]
             if slo_fields and "p99" in slo_fields:
                 p99 = r.parsed(slo_fields["p99"], f"{at}.slo.p99", parse_duration, ints_ok=True)
                 slo = Slo(p99, mark=r.mark(fields["slo"])) if p99 is not None else None
-        if priority is None or rate is None or ceil is None:
+        pods = _selector(r, fields["podSelector"], f"{at}.podSelector") if "podSelector" in fields else None
+        if priority is None or rate is None or ceil is None or ("podSelector" in fields and pods is None):
             continue
-        out.append(QosClass(name, priority, rate, ceil, tuple(ports), slo, mark=r.mark(key_node)))
+        out.append(QosClass(name, priority, rate, ceil, tuple(ports), slo, pods, mark=r.mark(key_node)))
     return tuple(out)
+
+
+def _selector(r: Reader, node: yaml.Node, where: str) -> LabelSelector | None:
+    """A Kubernetes label selector: `{matchLabels: {tier: web}, matchExpressions: [{key, operator, values}]}`."""
+    fields = r.mapping(node, where, FIELDS["labelSelector"])
+    if fields is None:
+        return None
+    before = len(r.errors)
+    entries = r.entries(fields["matchLabels"], f"{where}.matchLabels") if "matchLabels" in fields else None
+    labels: list[tuple[str, str]] = []
+    for key, (_, value) in (entries or {}).items():
+        text = r.string(value, f"{where}.matchLabels.{key}", scalars_ok=True)
+        if text is not None:
+            labels.append((key, text))
+    expressions = fields.get("matchExpressions")
+    items = r.sequence(expressions, f"{where}.matchExpressions") if expressions is not None else None
+    requirements = []
+    for i, item in enumerate(items or []):
+        requirement = _requirement(r, item, f"{where}.matchExpressions[{i}]")
+        if requirement is not None:
+            requirements.append(requirement)
+    if len(r.errors) > before:
+        return None
+    return LabelSelector(tuple(labels), tuple(requirements), mark=r.mark(node))
+
+
+def _requirement(r: Reader, node: yaml.Node, where: str) -> LabelRequirement | None:
+    fields = r.mapping(node, where, FIELDS["labelRequirement"])
+    if fields is None or not {"key", "operator"} <= fields.keys():
+        return None
+    key = r.string(fields["key"], f"{where}.key")
+    operator = r.choice(fields["operator"], f"{where}.operator", SELECTOR_OPERATORS)
+    values = [v for _, v in r.string_list(fields["values"], f"{where}.values") or []] if "values" in fields else []
+    if key is None or operator is None:
+        return None
+    if operator in ("In", "NotIn") and not values:
+        r.error(node, f"{where}: operator {operator} needs values")
+        return None
+    if operator in ("Exists", "DoesNotExist") and values:
+        r.error(fields["values"], f"{where}: operator {operator} takes no values")
+        return None
+    return LabelRequirement(key, operator, tuple(values), mark=r.mark(node))

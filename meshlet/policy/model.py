@@ -7,6 +7,7 @@ still point the user at a file, line and column.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -35,6 +36,8 @@ GRPC_RETRY_CONDITIONS: dict[int, str] = {
 }
 RETRY_CONDITIONS: tuple[str, ...] = ("connect-failure", "reset", "5xx", "gateway-error",
                                      *GRPC_RETRY_CONDITIONS.values())
+SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+SELECTOR_OPERATORS: tuple[str, ...] = ("In", "NotIn", "Exists", "DoesNotExist")
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -201,6 +204,37 @@ class TrafficPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class LabelRequirement:
+    key: str
+    operator: SelectorOperator
+    values: tuple[str, ...] = ()
+    mark: Mark = _mark()
+
+    def holds(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        inside = labels.get(self.key) in self.values
+        return inside if self.operator == "In" else not inside
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSelector:
+    """Kubernetes' label selector (matchLabels and matchExpressions, all must hold); an empty
+    selector selects everything, as in Kubernetes."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[LabelRequirement, ...] = ()
+    mark: Mark = _mark()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels) and all(
+            r.holds(labels) for r in self.match_expressions
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Slo:
     p99: float  # seconds
     mark: Mark = _mark()
@@ -214,6 +248,7 @@ class QosClass:
     ceil: int  # bits per second
     ports: tuple[int, ...] = ()
     slo: Slo | None = None
+    pod_selector: LabelSelector | None = None  # the node's Pods whose traffic is this class
     mark: Mark = _mark()
 
 
@@ -222,7 +257,14 @@ class QoSPolicy:
     metadata: Metadata
     interface: str
     classes: tuple[QosClass, ...]
+    node_selector: LabelSelector | None = None  # the nodes it shapes (in a cluster); None: every node
     mark: Mark = _mark()
+
+    def class_of(self, labels: Mapping[str, str]) -> str | None:
+        """The class a Pod with these labels is in: of the classes whose podSelector selects
+        it, the one with the lowest priority number (then name); None if none does."""
+        chosen = [c for c in self.classes if c.pod_selector is not None and c.pod_selector.matches(labels)]
+        return min(chosen, key=lambda c: (c.priority, c.name)).name if chosen else None
 
     kind = "QoSPolicy"
 

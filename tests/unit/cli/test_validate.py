@@ -65,3 +65,36 @@ def test_warnings_are_printed_with_the_errors_of_an_invalid_file(tmp_path):
     warning, error = result.stderr.splitlines()
     assert warning.startswith(f"{bad}:15:30: warning: ") and error.startswith(f"{bad}:15:52: ")
     assert "'5xxx' is not one of" in error
+def test_validate_says_where_dataplane_auto_runs_and_why(tmp_path):
+    auto = tmp_path / "auto.yaml"
+    auto.write_text("""\
+apiVersion: meshlet.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews}
+spec:
+  host: reviews
+  dataplane: auto
+  backends: {v1: {address: "reviews-v1:9080"}, v2: {address: "reviews-v2:9080"}}
+  routes: [{name: canary, to: [{backend: v1, weight: 90}, {backend: v2, weight: 10}]}]
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ratings}
+spec:
+  host: ratings
+  dataplane: auto
+  backends: {v1: {address: "ratings:9080"}}
+  routes:
+    - name: beta
+      match: {headers: {x-group: beta}}
+      to: [{backend: v1}]
+    - name: all
+      to: [{backend: v1}]
+""")
+    result = run("validate", str(auto))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"{auto}: valid (TrafficPolicy reviews host=reviews 1 route, dataplane auto: kernel; "
+        f"TrafficPolicy ratings host=ratings 2 routes, dataplane auto: proxy "
+        f"(2 routes: the kernel splits one default route, at {auto}:14:3))\n"
+    )

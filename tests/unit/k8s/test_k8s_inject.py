@@ -19,6 +19,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshlet.ebpf.kernel_split import BYPASS_MARK
 from meshlet.k8s import manifest, sidecar
 from meshlet.k8s.inject import inject_document, inject_pod
 from meshlet.k8s.sidecar import InjectConfig, Resources
@@ -120,6 +121,12 @@ def test_redirect_script_excludes_proxy_uid_and_admin_port():
     assert "--uid-owner 2000 -j RETURN" in script
     assert "--dport 16000 -j RETURN" in script
     assert "REDIRECT --to-ports 16006" in script and "REDIRECT --to-ports 16001" in script
+
+
+def test_connections_split_in_the_kernel_return_before_the_outbound_redirect():
+    lines = sidecar.redirect_script(CFG).splitlines()
+    marked = lines.index(f"ipt -A MESHLET_OUTPUT -m mark --mark {BYPASS_MARK:#x} -j RETURN")
+    assert marked < lines.index(f"ipt -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports {CFG.outbound_port}")
 
 
 def test_excluded_ports_from_annotations_bypass_the_redirect():
