@@ -67,10 +67,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
                         help="proxy processes sharing the listeners (default: CPU count)")
     parser.add_argument("--identity", type=Path, metavar="DIR",
-                        help="mesh identity dir (cert.pem, key.pem, ca.pem from `meshlet cert issue`): enables mTLS")
+                        help="mesh identity dir, followed for rotations: cert.pem, key.pem, ca.pem (`meshlet cert "
+                             "issue`), or tls.crt, tls.key, ca.crt (cert-manager csi-driver-spiffe), or svid.pem, "
+                             "svid_key.pem, svid_bundle.pem (SPIRE spiffe-helper): enables mTLS")
     parser.add_argument("--ca", type=Path, metavar="DIR",
                         help="local mode: the mesh CA dir (`meshlet ca init`); the sidecar reissues its --identity "
                              "certificate from it once half its lifetime has passed")
+    parser.add_argument("--identity-server", metavar="URL",
+                        help="instead of --identity: fetch the workload certificate from `meshlet identity serve` "
+                             "(https://...), key kept in memory, renewed at half its lifetime")
+    parser.add_argument("--identity-token", type=Path, metavar="FILE",
+                        help="with --identity-server: the ServiceAccount token (audience meshlet) to present, "
+                             "read again for every request")
+    parser.add_argument("--trust-bundle", type=Path, metavar="FILE",
+                        help="with --identity-server: PEM file of the mesh CAs to trust, followed for CA rotations")
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
                         help="keep rollout state in DIR/rollouts.json so a restart resumes at the recorded step "
                              "(default: in memory only)")
@@ -113,9 +123,9 @@ def _cluster(args: argparse.Namespace) -> Cluster | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshlet.mtls.files import IdentityError, read_identity
-    from meshlet.mtls.reissue import Reissuer
+    from meshlet.mtls.files import IdentityError
     from meshlet.mtls.requirements import require_identity
+    from meshlet.mtls.source import check_identity_config
     from meshlet.proxy.config import SidecarConfig
     from meshlet.proxy.serve import StartupError, run_serve, setup_logging
     from meshlet.proxy.state import compile_policy
@@ -123,6 +133,13 @@ def run(args: argparse.Namespace) -> int:
     from meshlet.rollout.service import RolloutOptions
 
     cluster = _cluster(args)
+    config = SidecarConfig(
+        outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app,
+        strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
+        metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
+        identity_server=args.identity_server, identity_token=args.identity_token, trust_bundle=args.trust_bundle,
+        engine=args.engine,
+    )
     try:
         if cluster is not None:  # ready at once: see meshlet.k8s.follow for why not wait for policies
             applied = compile_policy("", 1)
@@ -132,28 +149,17 @@ def run(args: argparse.Namespace) -> int:
             if not text.strip():
                 load_text(text, args.policy)  # an empty policy file is an error, located by the loader
             applied = compile_policy(text, 1, args.policy)
-        require_identity(applied.policies, args.identity is not None)
+        require_identity(applied.policies, config.has_identity)
     except OSError as e:
         raise CommandError(f"{args.policy}: {e.strerror}") from None
     except PolicyInvalid as e:
         for error in e.errors[:-1]:
             print(error, file=sys.stderr)
         raise CommandError(str(e.errors[-1])) from None
-    if args.ca is not None and args.identity is None:
-        raise CommandError("--ca reissues the --identity certificate: give --identity DIR too")
-    if args.identity is not None:
-        try:
-            read_identity(args.identity)  # checked once here, before any worker starts
-            if args.ca is not None:
-                Reissuer(args.identity, args.ca)
-        except IdentityError as e:
-            raise CommandError(str(e)) from None
-    config = SidecarConfig(
-        outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app,
-        strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
-        metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
-        engine=args.engine,
-    )
+    try:
+        check_identity_config(config)  # once here, before any worker starts
+    except (IdentityError, ValueError) as e:
+        raise CommandError(str(e)) from None
     if args.state_dir is not None:
         try:
             args.state_dir.mkdir(parents=True, exist_ok=True)

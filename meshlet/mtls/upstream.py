@@ -10,15 +10,14 @@ one. The results are the same labels `meshlet_mtls_handshakes_total` uses for th
 from __future__ import annotations
 
 import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshlet.mtls.files import Identity
+from meshlet.mtls.memkey import load_key_and_chain
 from meshlet.mtls.verify import Result, judge_identity
 
 # X509_V_ERR_* codes OpenSSL reports for dates (the rest of a failed verification is the CA's).
@@ -55,15 +54,7 @@ def client_context(identity: Identity) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
-    # load_cert_chain reads files only: a private 0600 file for the moment it takes.
-    with tempfile.TemporaryDirectory(prefix="meshlet-tls-") as directory:
-        chain = Path(directory) / "identity.pem"
-        chain.touch(mode=0o600)
-        key = identity.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        chain.write_bytes(key + _pem(identity.cert).encode())
-        context.load_cert_chain(chain)
+    load_key_and_chain(context, identity.key, (identity.cert, *identity.chain))  # the key stays in memory
     return context
 
 
