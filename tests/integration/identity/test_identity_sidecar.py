@@ -206,3 +206,42 @@ def test_the_new_issuer_is_the_rotated_ca(tmp_path):
     early = subprocess.run([MESHLET, "ca", "rotate", "--dir", str(ca_dir), "--finish"], capture_output=True,
                            text=True, timeout=30)
     assert early.returncode == 1 and "signs only from" in early.stderr
+
+
+def key_files(root) -> list[str]:
+    """Every file under `root` holding a PEM private key."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and b"PRIVATE KEY-----" in path.read_bytes():
+            found.append(str(path.relative_to(root)))
+    return sorted(found)
+
+
+def test_workload_keys_never_touch_the_file_system(cluster, engine, tmp_path_factory):
+    """With HOME and TMPDIR pointing at fresh dirs, the sidecars serve mTLS both ways, through
+    mitmproxy's path and meshlet's own upstream client (a route with a timeout), with two
+    workers each fetching its certificate: the only key file afterwards is mitmproxy's own
+    interception CA (which mesh TLS never uses)."""
+    root, api, config, ca_dir = cluster
+    app = EchoApp()
+    homes = {name: tmp_path_factory.mktemp(f"home-{name}") for name in ("a", "b")}
+    try:
+        with identity_server(ca_dir, config, ttl="30s") as server:
+            b_policy = traffic_policy("self", "self", "127.0.0.1:9", mode="STRICT", allow=(FRONTEND,))
+            b_token = token_file(root, api, "default", "reviews")
+            env_b = {"HOME": str(homes["b"]), "TMPDIR": str(homes["b"])}
+            with run_sidecar(b_policy, "--engine", engine, *identity_args(server.url, b_token, ca_dir / "ca.pem"),
+                             app_port=app.port, workers=2, env=env_b) as b:
+                a_policy = traffic_policy("reviews", "reviews", f"127.0.0.1:{b.inbound[1]}", tls="mesh",
+                                          identity=REVIEWS, route="timeout: 5s")
+                a_token = token_file(root, api, "default", "frontend")
+                env_a = {"HOME": str(homes["a"]), "TMPDIR": str(homes["a"])}
+                with run_sidecar(a_policy, "--engine", engine, *identity_args(server.url, a_token, ca_dir / "ca.pem"),
+                                 workers=2, env=env_a) as a:
+                    answers = load(a.outbound, 20, connections=2, host="reviews")
+                    assert [getattr(r, "status", r) for r in answers] == [200] * 20
+            assert server.metric("meshlet_identity_certificates_issued_total") >= 4  # two workers each
+    finally:
+        app.close()
+    for home in homes.values():
+        assert [f for f in key_files(home) if not f.startswith(".mitmproxy/")] == []
