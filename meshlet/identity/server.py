@@ -57,7 +57,8 @@ class ServingTls:
         now = self._now()
         signer = self.cas().signer(now)
         if self._context is None or self._signer is None or signer.cert != self._signer.cert or now >= self._renew_at:
-            issued = issue_server(signer, self.names, now, self.ttl)
+            until_ca_expiry = (signer.cert.not_valid_after_utc - now).total_seconds() - 60
+            issued = issue_server(signer, self.names, now, max(1.0, min(self.ttl, until_ca_expiry)))
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             load_key_and_chain(context, issued.key, (issued.cert,))

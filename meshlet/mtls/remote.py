@@ -138,7 +138,10 @@ class RemoteIdentity:
         self._bundle_signature = self._bundle_sig()
         read_bundle(bundle_file)  # IdentityError at start-up when unreadable
         self.current: TlsContexts | None = None
-        self._fresh: TlsContexts | None = None  # built by the renewal thread, swapped in by poll()
+        # Built by the renewal thread, swapped in by poll(): a reference only the thread writes, and
+        # one only poll() writes, so no renewal is lost between the two.
+        self._latest: TlsContexts | None = None
+        self._installed: TlsContexts | None = None
         self._identity: Identity | None = None  # the thread's latest, for its schedule
         self._failures = 0
         self.last_error = ""
@@ -167,10 +170,10 @@ class RemoteIdentity:
 
     def poll(self) -> bool:
         """Swap in a renewed certificate or a changed trust bundle; True when swapped."""
-        fresh, self._fresh = self._fresh, None
-        swapped = fresh is not None
-        if fresh is not None:
-            self.current = fresh
+        latest = self._latest
+        swapped = latest is not self._installed
+        if swapped:
+            self.current = self._installed = latest
         sig = self._bundle_sig()
         if sig != self._bundle_signature and self.current is not None:
             swapped = self._rebundle() or swapped
@@ -194,7 +197,7 @@ class RemoteIdentity:
         return signature(self.bundle_file.parent, (self.bundle_file.name,))
 
     def _renew(self) -> None:
-        """One request; on success the new contexts wait in `_fresh` for the next poll."""
+        """One request; on success the new contexts wait in `_latest` for the next poll."""
         try:
             identity = fetch(self.url, self.token_file, self.bundle_file, self._now())
         except (Unavailable, IdentityError) as e:
@@ -203,7 +206,7 @@ class RemoteIdentity:
             raise
         self._failures, self.last_error = 0, ""
         self._identity = identity
-        self._fresh = build_contexts(identity, self._alpn_select)
+        self._latest = build_contexts(identity, self._alpn_select)
         log.info("workload certificate %s serial %s until %s", identity.spiffe_id, identity.serial,
                  identity.not_after.isoformat())
 

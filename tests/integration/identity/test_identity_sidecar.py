@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from cryptography import x509
 from identity_support import FakeApiServer, identity_server, kubeconfig, make_ca, token_file
-from mesh_support import EchoApp, admin, http_get, load, run_sidecar, traffic_policy
+from mesh_support import Client, EchoApp, admin, http_get, load, run_sidecar, traffic_policy
 from sidecar_support import MESHLET, free_port
 
 from meshlet.mtls.files import read_bundle
@@ -144,13 +144,20 @@ def test_two_sidecars_keep_a_strict_hop_for_a_minute_on_20s_certificates(cluster
     root, api, config, ca_dir = cluster
     serials: dict[str, set[str]] = {"a": set(), "b": set()}
     with (identity_server(ca_dir, config, ttl="20s") as server,
-          mesh_pair(root, api, server.url, ca_dir / "ca.pem", engine, app, b_workers=2) as (a, b),
-          Traffic(a) as traffic):
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            serials["a"].add(certs(a)["serial"])
-            serials["b"].add(certs(b)["serial"])
-            time.sleep(1)
+          mesh_pair(root, api, server.url, ca_dir / "ca.pem", engine, app, b_workers=2) as (a, b)):
+        established = Client(a.outbound)  # a keep-alive connection opened before any renewal
+        assert established.request(host="reviews").body == f"app {FRONTEND}\n"
+        sock = established.conn.sock
+        with Traffic(a) as traffic:
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                serials["a"].add(certs(a)["serial"])
+                serials["b"].add(certs(b)["serial"])
+                time.sleep(1)
+        # still the same connection, still answered, after five or more renewals on each side
+        assert established.request(host="reviews").body == f"app {FRONTEND}\n"
+        assert established.conn.sock is sock
+        established.close()
     assert traffic.failures() == []
     assert len(traffic.results) >= 200
     assert {r.body for r in traffic.results} == {f"app {FRONTEND}\n"}
