@@ -54,13 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--admin", type=_listen, default="127.0.0.1:15000", metavar="HOST:PORT")
     parser.add_argument("--app", type=_listen, default="127.0.0.1:8080", metavar="HOST:PORT",
                         help="where inbound requests go (the local application)")
-    parser.add_argument("--engine", choices=ENGINES, default="mitmproxy",
+    parser.add_argument("--engine", choices=ENGINES, default="lean",
                         help="lean (default: uvloop + httptools, meshlet's own HTTP/1.1 data plane) or mitmproxy "
                              "(the programmable engine: mitmproxy addons, flow files)")
     parser.add_argument("--strict-hosts", action="store_true",
                         help="answer 404 for hosts no policy governs instead of passing them through")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, how long to let requests in flight finish (default 10)")
+    parser.add_argument("--header-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="lean engine: a client must send a request head within this, else 408 (default 10)")
+    parser.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                        help="lean engine: idle keep-alive client connections are closed after this (default 60)")
     parser.add_argument("--metrics-compat", choices=METRICS_COMPAT, default="none",
                         help="also export Istio's standard metrics (istio_requests_total, ...)")
     parser.add_argument("--workload", default="unknown", help="this workload's name, for Istio-style labels")
@@ -92,6 +96,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "in the namespace, and recorded in each TrafficPolicy's status; a replica takes "
                              "over this long after the holder stops renewing (default 15)")
     parser.set_defaults(handler=run, optimize=lambda args: args.workers == 1)  # >1: workers re-exec themselves
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
 
 
 def _lease_seconds(text: str) -> int:
@@ -138,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
         metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
         identity_server=args.identity_server, identity_token=args.identity_token, trust_bundle=args.trust_bundle,
-        engine=args.engine,
+        engine=args.engine, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
     )
     try:
         if cluster is not None:  # ready at once: see meshlet.k8s.follow for why not wait for policies
@@ -160,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         check_identity_config(config)  # once here, before any worker starts
     except (IdentityError, ValueError) as e:
         raise CommandError(str(e)) from None
+    if config.identity_server is not None and config.engine == "lean":  # until the lean engine calls identity_source
+        raise CommandError("--identity-server is not served by the lean engine yet: add --engine mitmproxy")
     if args.state_dir is not None:
         try:
             args.state_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,9 @@ class SidecarConfig:
     identity_server: str | None = None  # `meshlet identity serve`: each process fetches its own certificate
     identity_token: Path | None = None  # projected ServiceAccount token, re-read for every request
     trust_bundle: Path | None = None  # the mesh CAs, followed for rotations
-    engine: str = "mitmproxy"  # lean | mitmproxy (meshlet.proxy.engine)
+    header_timeout: float = 10.0  # lean engine: a request head must arrive within this (408)
+    idle_timeout: float = 60.0  # lean engine: idle keep-alive client connections are closed after this
+    engine: str = "lean"  # lean | mitmproxy (meshlet.proxy.engine)
     reuse_port: bool = False  # `--workers` workers share the listeners (SO_REUSEPORT)
 
     @property

@@ -24,17 +24,17 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from meshlet.mtls.upstream import UpstreamTls
-from meshlet.policy.model import IDEMPOTENT_METHODS, Backend, Route
+from meshlet.policy.model import Backend
 from meshlet.proxy.mitm import responses
 from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
 from meshlet.proxy.mitm.origdst import original_destination
 from meshlet.proxy.state import PolicyState
 from meshlet.routing import Decision, RequestView, Unmatched, decide, parse_cookies
+from meshlet.routing.attempts import attempts_for, candidates, status_conditions
 from meshlet.telemetry.proxy import ProxyMetrics
 
 KEY = "meshlet"
 PROBE_TIMEOUT = 1.0
-GATEWAY_ERRORS = frozenset({502, 503, 504})
 log = logging.getLogger("meshlet.proxy")
 
 
@@ -80,20 +80,6 @@ def needs_pool(decision: Decision) -> bool:
     route = decision.route
     replays = route.retries is not None and set(route.retries.on) - {"connect-failure"}
     return route.timeout is not None or bool(replays)
-
-
-def candidates(decision: Decision) -> list[Backend]:
-    """The chosen backend first, then the route's other backends by weight: where retries go."""
-    others = sorted(decision.route.to, key=lambda target: -target.weight)
-    chosen = decision.backend
-    return [chosen] + [decision.policy.backend(t.backend) for t in others if t.backend != chosen.name]
-
-
-def attempts_for(route: Route, method: str, condition: str) -> int:
-    retries = route.retries
-    if retries is None or method not in IDEMPOTENT_METHODS or condition not in retries.on:
-        return 1
-    return 1 + retries.attempts
 
 
 async def probe(backend: Backend, timeout: float) -> str | None:
@@ -197,8 +183,7 @@ class Routing:
                     continue
                 make = responses.unavailable if e.condition == "connect-failure" else responses.bad_gateway
                 return make(backend.name, str(e))
-            code = response.status_code
-            conditions = ("5xx", "gateway-error") if code in GATEWAY_ERRORS else ("5xx",) if code >= 500 else ()
+            conditions = status_conditions(response.status_code)
             if not any(attempt < attempts_for(route, request.method, c) for c in conditions):
                 return response
 

@@ -31,6 +31,7 @@ from meshlet.proxy.demo_backend import start_backend
 MESHLET = str(Path(sys.executable).with_name("meshlet"))
 READY = re.compile(r"ready outbound=(\S+) inbound=(\S+) admin=(\S+)")
 START_TIMEOUT = 30.0
+ENGINE = "lean"  # set per test module by the `engine` fixture (tests/integration/conftest.py)
 
 
 def free_port() -> int:
@@ -123,6 +124,8 @@ def run_sidecar(
         "--outbound", f"127.0.0.1:{free_port()}", "--inbound", f"127.0.0.1:{free_port()}",
         "--admin", f"127.0.0.1:{free_port()}", "--app", f"127.0.0.1:{app_port or free_port()}", "--workers", str(workers), *extra,
     ]
+    if not any(arg in ("--engine", "--addon") for arg in extra):
+        args += ["--engine", ENGINE]
     with open(log, "wb") as err:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
     try:
