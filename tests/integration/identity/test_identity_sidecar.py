@@ -28,12 +28,10 @@ from meshlet.mtls.files import read_bundle
 
 FRONTEND = "spiffe://cluster.local/ns/default/sa/frontend"
 REVIEWS = "spiffe://cluster.local/ns/default/sa/reviews"
-ENGINES = ["mitmproxy"]
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request) -> str:
-    return request.param
+# The engine is the conformance suite's parameter (tests/integration/conftest.py). The lean engine
+# does not take its identity from meshlet.mtls.source.identity_source yet (`meshlet run` refuses
+# --identity-server with it): drop this line when it does.
+pytestmark = pytest.mark.engines("mitmproxy")
 
 
 @pytest.fixture
@@ -252,3 +250,17 @@ def test_workload_keys_never_touch_the_file_system(cluster, engine, tmp_path_fac
         app.close()
     for home in homes.values():
         assert [f for f in key_files(home) if not f.startswith(".mitmproxy/")] == []
+
+
+def test_the_lean_engine_refuses_an_identity_server_instead_of_running_without_mtls(cluster):
+    """Until the lean engine takes its identity from identity_source (then: drop this test and
+    the `engines` mark above)."""
+    root, api, _, ca_dir = cluster
+    token = token_file(root, api, "default", "frontend")
+    policy = root / "p.yaml"
+    policy.write_text(traffic_policy("self", "self", "127.0.0.1:9"))
+    result = subprocess.run([MESHLET, "run", "--engine", "lean", "--policy", str(policy),
+                             *identity_args("https://127.0.0.1:1", token, ca_dir / "ca.pem")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "meshlet: --identity-server is not served by the lean engine yet: add --engine mitmproxy\n"
