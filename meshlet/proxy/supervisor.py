@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from meshlet.mtls.files import identity_certs
 from meshlet.policy.model import Address
 from meshlet.proxy import httpserver
 from meshlet.proxy.admin import GENERATION_HEADER, WEIGHTS_HEADER, AdminApi, DistributionError
@@ -95,6 +95,14 @@ async def _start_worker(config: SidecarConfig, applied: Applied, env: dict[str, 
     return Worker(process, answer["ready"]["admin"])
 
 
+def _get(control: str, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://{control}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def _put(control: str, applied: Applied) -> None:
     request = urllib.request.Request(
         f"http://{control}/policy", data=applied.source.encode(), method="PUT",
@@ -110,11 +118,13 @@ class Supervisor:
             config, outbound=_claim_port(config.outbound), inbound=_claim_port(config.inbound),
             admin=Address("127.0.0.1", 0), reuse_port=True,
         )
-        self.state = PolicyState(applied, config.identity_dir is not None)
+        self.state = PolicyState(applied, config.has_identity)
         self.count = count
         self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         self.workers: list[Worker] = []
         self.stopping = False
+        self._ready: dict[str, bool] = {}  # worker control address → its last /readyz
+        self._certs: dict = {"identity": None}  # a worker's last GET /certs
 
     async def start(self) -> None:
         started = await asyncio.gather(
@@ -126,6 +136,28 @@ class Supervisor:
         if errors:
             await self.stop(5.0)
             raise StartupError(str(errors[0]))
+        await self.look_at_workers()
+
+    async def look_at_workers(self) -> None:
+        """Each worker's readiness (it may wait for its certificate) and one worker's certificate:
+        the workers hold the identities, the supervisor only reports them."""
+        workers = list(self.workers)
+        answers = await asyncio.gather(*(asyncio.to_thread(_get, w.control, "/readyz") for w in workers),
+                                       return_exceptions=True)
+        self._ready = {w.control: a == (200, b"ready\n") for w, a in zip(workers, answers, strict=True)}
+        if workers:
+            with contextlib.suppress(OSError, ValueError):
+                status, body = await asyncio.to_thread(_get, workers[0].control, "/certs")
+                if status == 200:
+                    self._certs = json.loads(body)
+
+    async def follow_workers(self, interval: float = 1.0) -> None:
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            await self.look_at_workers()
+
+    def certs(self) -> dict:
+        return self._certs
 
     async def distribute(self, applied: Applied) -> None:
         results = await asyncio.gather(
@@ -138,7 +170,8 @@ class Supervisor:
             )
 
     def ready(self) -> bool:
-        return len(self.workers) == self.count and all(w.process.returncode is None for w in self.workers)
+        return len(self.workers) == self.count and all(
+            w.process.returncode is None and self._ready.get(w.control, False) for w in self.workers)
 
     async def watch(self) -> None:
         """Restart a worker that exits while we are not stopping."""
@@ -191,7 +224,8 @@ async def supervise(
         try:
             render = multiprocess_render(metrics_dir)
             api = AdminApi(supervisor.state, metrics, supervisor.ready, supervisor.distribute, render,
-                           certs=identity_certs(config.identity_dir), rollouts=rollouts, tap=taps.lines)
+                           certs=supervisor.certs if config.has_identity else None, rollouts=rollouts,
+                           tap=taps.lines)
             try:
                 admin = await httpserver.start(api, config.admin.host, config.admin.port)
             except OSError as e:
@@ -206,11 +240,13 @@ async def supervise(
                 "generation": str(applied.table.generation), "workers": str(count),
             })
             watcher = asyncio.ensure_future(supervisor.watch())
+            follower = asyncio.ensure_future(supervisor.follow_workers())
             ticker = asyncio.ensure_future(api.run_rollouts()) if rollouts is not None else None
             await stop.wait()
             log.info("draining: passing SIGTERM to %d worker(s)", len(supervisor.workers))
             admin.close()
             watcher.cancel()
+            follower.cancel()
             if ticker is not None:
                 ticker.cancel()
         finally:

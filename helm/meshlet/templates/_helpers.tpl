@@ -33,3 +33,12 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{- define "meshlet.identityName" -}}
+{{ include "meshlet.fullname" . }}-identity
+{{- end -}}
+
+{{/* The Secret holding the mesh CA dir: the user's, or the one the chart creates once. */}}
+{{- define "meshlet.caSecretName" -}}
+{{ .Values.meshCA.existingSecret | default (printf "%s-mesh-ca" (include "meshlet.fullname" .)) }}
+{{- end -}}
