@@ -1,5 +1,5 @@
 # The two commands of README.md. Both install first (scripts/setup is idempotent).
-.PHONY: run test setup lint bench bench-growth
+.PHONY: run test setup lint bench bench-growth image image-test
 
 VENV := .venv
 
@@ -9,9 +9,11 @@ setup:
 run: setup
 	$(VENV)/bin/meshlet demo
 
+# CI (.ci/run) sets MESHLET_IMAGE_TEST=1: the image build and its test come after the suite.
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
+	@if [ "$${MESHLET_IMAGE_TEST:-0}" = 1 ]; then $(MAKE) --no-print-directory image-test; fi
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -21,3 +23,12 @@ bench: setup
 
 bench-growth: setup
 	$(VENV)/bin/python bench/growth.py
+
+# The container image and its -agent variant, as OCI archives under dist/ (scripts/image/build).
+image:
+	@bash scripts/setup --image
+	bash scripts/image/build
+
+# Builds the images, then runs what is in them (tests/image/, which plain pytest leaves out).
+image-test: image
+	$(VENV)/bin/python -m pytest tests/image
