@@ -64,9 +64,20 @@ def test_image_holds_no_tests_keys_build_venv_or_compilers(sidecar_image):
     assert not list(root.glob("**/.venv"))
     keys = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and PEM_KEY.search(p.read_bytes())]
     assert keys == []
+    assert compilers(root) == []
+
+
+def test_agent_variant_adds_bccs_libraries_but_no_compiler(agent_image):
+    """bcc compiles through libclang and LLVM, which it links: no compiler program comes with them."""
+    libs = agent_image.path / "usr/lib/x86_64-linux-gnu"
+    assert list(libs.glob("libLLVM-*.so*")) and list(libs.glob("libclang-cpp.so*"))
+    assert compilers(agent_image.path) == []
+
+
+def compilers(root: Path) -> list[str]:
     bins = [root / "usr/bin", root / "usr/sbin", root / "opt/meshlet/bin"]
-    assert [f"{d}/{c}" for d in bins for c in COMPILERS if (d / c).exists()] == []
-    assert not (root / "usr/lib/gcc").exists()
+    found = [f"{d}/{c}" for d in bins for c in COMPILERS if (d / c).exists()]
+    return found + [str(p) for p in (root / "usr/lib/gcc", root / "usr/include/linux") if p.exists()]
 
 
 def test_version_as_the_image_user(sidecar_image):
