@@ -61,6 +61,10 @@ def test_image_holds_no_tests_keys_build_venv_or_compilers(sidecar_image):
         "meshlet", f"meshlet-{meshlet.__version__}.dist-info"]
     # The venv was made in the image for the image's Python, not copied from a build machine.
     assert (root / "opt/meshlet/pyvenv.cfg").read_text().startswith("home = /usr/bin\n")
+    # A compromised sidecar cannot rewrite the code it runs, even on a writable root file system.
+    writable = [p for p in (root / "opt/meshlet").rglob("*")
+                if not p.is_symlink() and (p.stat().st_uid != 0 or p.stat().st_mode & 0o022)]
+    assert writable == []
     assert not list(root.glob("**/.venv"))
     keys = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and PEM_KEY.search(p.read_bytes())]
     assert keys == []
