@@ -1,5 +1,5 @@
 # The two commands of README.md. Both install first (scripts/setup is idempotent).
-.PHONY: run test setup lint bench bench-growth image image-test
+.PHONY: run test setup lint bench bench-growth bench-h2 image image-test
 
 VENV := .venv
 
@@ -23,6 +23,9 @@ bench: setup
 
 bench-growth: setup
 	$(VENV)/bin/python bench/growth.py
+
+bench-h2: setup
+	$(VENV)/bin/python bench/h2_bench.py
 
 # The container image and its -agent variant, as OCI archives under dist/ (scripts/image/build).
 image:

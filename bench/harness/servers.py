@@ -47,8 +47,10 @@ http {{
     return conf
 
 
-def haproxy_conf(workdir: Path, port: int, backends: dict[str, tuple[int, int]]) -> Path:
-    """HAProxy doing the same weighted split as the meshlet policy: name → (port, weight)."""
+def haproxy_conf(workdir: Path, port: int, backends: dict[str, tuple[int, int]], threads: int = 1) -> Path:
+    """HAProxy doing the same weighted split as the meshlet policy: name → (port, weight).
+
+    `threads` (nbthread) is what a meshlet target of as many `--workers` is compared with."""
     servers = "\n".join(
         f"    server {name} 127.0.0.1:{backend_port} weight {weight}"
         for name, (backend_port, weight) in backends.items()
@@ -56,7 +58,7 @@ def haproxy_conf(workdir: Path, port: int, backends: dict[str, tuple[int, int]])
     conf = workdir / "haproxy.cfg"
     conf.write_text(f"""\
 global
-    nbthread 1
+    nbthread {threads}
 defaults
     mode http
     timeout connect 2s

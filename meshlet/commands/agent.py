@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from meshlet.commands import CommandError
+from meshlet.commands import CommandError, print_warnings
 from meshlet.ebpf.agent import AgentConfig
 from meshlet.policy import PolicyInvalid, load_files
 
@@ -93,6 +93,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     except PolicyInvalid as e:
         more = f" (and {len(e.errors) - 1} more: meshlet validate shows all)" if len(e.errors) > 1 else ""
         raise CommandError(f"{e.errors[0]}{more}") from None
+    print_warnings(policies.warnings if policies else ())
     qos = policies.qos if policies else ()
     if len(qos) > 1:
         raise CommandError(f"agent: one QoSPolicy per node, got {len(qos)}: {', '.join(q.metadata.name for q in qos)}")

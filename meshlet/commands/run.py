@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshlet.commands import CommandError
+from meshlet.commands import CommandError, print_warnings, refused
 from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.model import Address
-from meshlet.proxy.engine import ENGINES
+from meshlet.proxy.engine import DEFAULT_ENGINE, ENGINES
 from meshlet.telemetry.proxy import METRICS_COMPAT
 
 if TYPE_CHECKING:
@@ -54,13 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--admin", type=_listen, default="127.0.0.1:15000", metavar="HOST:PORT")
     parser.add_argument("--app", type=_listen, default="127.0.0.1:8080", metavar="HOST:PORT",
                         help="where inbound requests go (the local application)")
-    parser.add_argument("--engine", choices=ENGINES, default="mitmproxy",
+    parser.add_argument("--engine", choices=ENGINES,
                         help="lean (default: uvloop + httptools, meshlet's own HTTP/1.1 data plane) or mitmproxy "
                              "(the programmable engine: mitmproxy addons, flow files)")
+    parser.add_argument("--addon", action="append", default=[], metavar="FILE",
+                        help="a mitmproxy addon script (mitmproxy's addon API, as `mitmproxy -s FILE` loads it) "
+                             "run on every flow; repeatable; selects --engine mitmproxy")
     parser.add_argument("--strict-hosts", action="store_true",
                         help="answer 404 for hosts no policy governs instead of passing them through")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, how long to let requests in flight finish (default 10)")
+    parser.add_argument("--header-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="lean engine: a client must send a request head within this, else 408 (default 10)")
+    parser.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                        help="lean engine: idle keep-alive client connections are closed after this (default 60)")
     parser.add_argument("--metrics-compat", choices=METRICS_COMPAT, default="none",
                         help="also export Istio's standard metrics (istio_requests_total, ...)")
     parser.add_argument("--workload", default="unknown", help="this workload's name, for Istio-style labels")
@@ -84,6 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run, optimize=lambda args: args.workers == 1)  # >1: workers re-exec themselves
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
+
+
 def _lease_seconds(text: str) -> int:
     try:
         value = int(text)
@@ -92,6 +108,28 @@ def _lease_seconds(text: str) -> int:
     if value < 3:
         raise argparse.ArgumentTypeError(f"{text!r}: expected whole seconds, at least 3")
     return value
+
+
+def _engine(args: argparse.Namespace) -> str:
+    """Addon scripts run on mitmproxy's engine: --addon selects it, and contradicts --engine lean."""
+    if not args.addon:
+        return args.engine or DEFAULT_ENGINE
+    if args.engine == "lean":
+        raise CommandError("--addon runs mitmproxy addon scripts: it needs --engine mitmproxy, not lean")
+    return "mitmproxy"
+
+
+def _addons(paths: list[str]) -> tuple[str, ...]:
+    """Absolute paths (workers may not share our idea of the working directory), each once."""
+    found: list[str] = []
+    for path in paths:
+        full = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(full):
+            raise CommandError(f"--addon {path}: no such file")
+        if full in found:
+            raise CommandError(f"--addon {path}: given twice")
+        found.append(full)
+    return tuple(found)
 
 
 def _cluster(args: argparse.Namespace) -> Cluster | None:
@@ -113,15 +151,14 @@ def _cluster(args: argparse.Namespace) -> Cluster | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshlet.mtls.files import IdentityError, read_identity
-    from meshlet.mtls.reissue import Reissuer
+    from meshlet.mtls.errors import IdentityError
     from meshlet.mtls.requirements import require_identity
     from meshlet.proxy.config import SidecarConfig
     from meshlet.proxy.serve import StartupError, run_serve, setup_logging
     from meshlet.proxy.state import compile_policy
-    from meshlet.proxy.supervisor import supervise
     from meshlet.rollout.service import RolloutOptions
 
+    engine, addons = _engine(args), _addons(args.addon)
     cluster = _cluster(args)
     try:
         if cluster is not None:  # ready at once: see meshlet.k8s.follow for why not wait for policies
@@ -136,13 +173,15 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CommandError(f"{args.policy}: {e.strerror}") from None
     except PolicyInvalid as e:
-        for error in e.errors[:-1]:
-            print(error, file=sys.stderr)
-        raise CommandError(str(e.errors[-1])) from None
+        raise refused(e) from None
+    print_warnings(applied.warnings)
     if args.ca is not None and args.identity is None:
         raise CommandError("--ca reissues the --identity certificate: give --identity DIR too")
     if args.identity is not None:
         try:
+            from meshlet.mtls.files import read_identity
+            from meshlet.mtls.reissue import Reissuer
+
             read_identity(args.identity)  # checked once here, before any worker starts
             if args.ca is not None:
                 Reissuer(args.identity, args.ca)
@@ -152,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app,
         strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
         metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
-        engine=args.engine,
+        engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
     )
     if args.state_dir is not None:
         try:
@@ -181,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.workers == 1:
             return run_serve(config, applied, ready, rollout)
+        from meshlet.proxy.supervisor import supervise  # a worker-serving CLI never loads it
+
         return asyncio.run(supervise(config, applied, args.workers, ready, rollout))
     except (StartupError, IdentityError) as e:
         raise CommandError(str(e)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from meshlet.commands import print_warnings
 from meshlet.policy import PolicyInvalid, load_file
 from meshlet.policy.model import PolicySet
 
@@ -13,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "validate",
         help="check policy files; print FILE:LINE:COL: message per error",
-        description="Validate meshlet policy files. Exit 0 when every file is valid, 1 otherwise.",
+        description="Validate meshlet policy files. Exit 0 when every file is valid, 1 otherwise. "
+                    "Warnings (FILE:LINE:COL: warning: message, e.g. a deprecated field) do not fail a file.",
         epilog="example: meshlet validate policies/*.yaml",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files (several documents each)")
@@ -27,9 +29,11 @@ def run(args: argparse.Namespace) -> int:
             policies = load_file(path)
         except PolicyInvalid as e:
             failed = True
+            print_warnings(e.warnings)
             for error in e.errors:
                 print(error, file=sys.stderr)
             continue
+        print_warnings(policies.warnings)
         print(f"{path}: valid ({summarize(policies)})")
     return 1 if failed else 0
 

@@ -80,6 +80,8 @@ def ineligible(policy: TrafficPolicy) -> tuple[Mark, str] | None:
     for backend in (policy.backend(to.backend) for to in route.to):
         if backend.tls != "none":
             return backend.mark, f"backend {backend.name} needs the proxy to originate mesh TLS"
+        if backend.protocol != "auto":
+            return backend.mark, f"backend {backend.name} needs the proxy to speak protocol {backend.protocol}"
         if _ipv4(backend.address.host) is None:
             return backend.mark, f"backend {backend.name} address {backend.address.host} is not an IPv4 address"
     return None

@@ -55,6 +55,7 @@ RENAMED: dict[tuple[str, str], str] = {
     ("sticky", "source"): "source_ip",
     ("analysis.success_rate", "min"): "min_success_rate",
     ("analysis.p99", "max"): "max_p99",
+    ("retries", "retryOn"): "on",
 }
 # YAML mappings that fold into their parent's class: field → the section describing them.
 NESTED: dict[tuple[str, str], str] = {
@@ -136,6 +137,15 @@ def object_schema(section: str) -> dict:
     required = [name for name, needed in fields.items() if needed]
     if required:
         schema["required"] = required
+    # Deprecated names stay in the schema: the API server prunes fields it does not know, and
+    # would silently drop them from resources written before the rename.
+    rules = []
+    for old, (new, why) in load.DEPRECATED.get(section, {}).items():
+        properties[old] = {**properties[new], "description": f"deprecated: write {new} ({why})"}
+        rules.append({"rule": f"!(has(self.{old}) && has(self.{new}))",
+                      "message": f"give {new} only, not also {old} (its deprecated old name)"})
+    if rules:
+        schema["x-kubernetes-validations"] = rules
     return _merge(schema, BOUNDS.get((section, ""), {}))
 
 

@@ -57,6 +57,9 @@ def check_traffic(policy: TrafficPolicy) -> list[PolicyError]:
             if backend.tls == "mesh":
                 error(backend.mark, f"backend {backend.name!r}: dataplane kernel cannot originate mesh TLS; "
                       "use dataplane: proxy or auto")
+            if backend.protocol != "auto":
+                error(backend.mark, f"backend {backend.name!r}: dataplane kernel passes the client's bytes as they "
+                      f"are and cannot speak protocol {backend.protocol}; use protocol: auto, or dataplane: proxy")
     return errors
 
 

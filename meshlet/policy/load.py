@@ -4,8 +4,9 @@ A file may hold several Kubernetes-style documents separated by `---`. Loading i
 nothing: `load_text` either returns a complete `PolicySet` or raises `PolicyInvalid` with
 every error of the file, so a policy that fails validation can never be half-applied.
 
-`FIELDS` is the single table of which fields each mapping accepts (and which are required);
-the CRD schema generator reads it too, so the two cannot drift.
+`FIELDS` is the single table of which fields each mapping accepts (and which are required),
+`DEPRECATED` of the old names still read with a warning; the CRD schema generator reads both, so
+the two cannot drift.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 import yaml
 
 from meshlet.policy import checks
-from meshlet.policy.errors import PolicyError, PolicyInvalid
+from meshlet.policy.errors import PolicyError, PolicyInvalid, PolicyWarning
 from meshlet.policy.model import (
     API_VERSION,
+    BACKEND_PROTOCOLS,
     BACKEND_TLS,
     DATAPLANES,
     MTLS_MODES,
@@ -53,7 +55,7 @@ FIELDS: dict[str, dict[str, bool]] = {
         "host": True, "dataplane": False, "backends": True, "routes": True, "mtls": False, "qos": False,
         "vip": False,
     },
-    "backend": {"address": True, "tls": False, "identity": False},
+    "backend": {"address": True, "tls": False, "identity": False, "protocol": False},
     "route": {
         "name": True, "match": False, "to": True, "sticky": False, "timeout": False, "retries": False, "rollout": False,
     },
@@ -67,12 +69,16 @@ FIELDS: dict[str, dict[str, bool]] = {
     "stringMatch": {"exact": False, "prefix": False, "regex": False},
     "target": {"backend": True, "weight": False},
     "sticky": {"header": False, "cookie": False, "source": False},
-    "retries": {"attempts": True, "on": False},
+    "retries": {"attempts": True, "retryOn": False},
     "mtls": {"mode": False, "allow": False},
     "qos": {"class": True},
     "QoSPolicy.spec": {"interface": True, "classes": True},
     "qosClass": {"priority": True, "rate": True, "ceil": False, "ports": False, "slo": False},
     "slo": {"p99": True},
+}
+# Deprecated field names, still read: section → {old name: (new name, why it changed)}.
+DEPRECATED: dict[str, dict[str, tuple[str, str]]] = {
+    "retries": {"on": ("retryOn", "YAML 1.1 readers such as kubectl's read a bare `on:` key as the boolean true")},
 }
 KINDS: tuple[str, ...] = ("TrafficPolicy", "QoSPolicy")
 
@@ -82,18 +88,20 @@ def load_files(paths: Iterable[str | Path]) -> PolicySet:
     traffic: list[TrafficPolicy] = []
     qos: list[QoSPolicy] = []
     errors: list[PolicyError] = []
+    warnings: list[PolicyWarning] = []
     for path in paths:
         try:
             loaded = load_file(path)
         except PolicyInvalid as e:
             errors.extend(e.errors)
+            warnings.extend(e.warnings)
             continue
         traffic.extend(loaded.traffic)
         qos.extend(loaded.qos)
-    if errors:
-        raise PolicyInvalid(errors)
-    policies = PolicySet(tuple(traffic), tuple(qos))
-    _raise_if(checks.check_set(policies))
+        warnings.extend(loaded.warnings)
+    _raise_if(errors, warnings)
+    policies = PolicySet(tuple(traffic), tuple(qos), tuple(warnings))
+    _raise_if(checks.check_set(policies), warnings)
     return policies
 
 
@@ -140,15 +148,20 @@ def load_text(text: str, file: str = "<input>") -> PolicySet:
         reader.error(Mark(file, 1, 1), "malformed YAML: nesting too deep")
     if documents == 0 and not reader.errors:
         reader.error(Mark(file, 1, 1), "empty policy file: expected at least one TrafficPolicy or QoSPolicy document")
-    _raise_if(sorted(reader.errors, key=lambda e: (e.mark.line, e.mark.column)))
-    policies = PolicySet(tuple(traffic), tuple(qos))
-    _raise_if(checks.check_set(policies))
+    warnings = sorted(reader.warnings, key=_position)
+    _raise_if(sorted(reader.errors, key=_position), warnings)
+    policies = PolicySet(tuple(traffic), tuple(qos), tuple(warnings))
+    _raise_if(checks.check_set(policies), warnings)
     return policies
 
 
-def _raise_if(errors: list[PolicyError]) -> None:
+def _position(error: PolicyError) -> tuple[int, int]:
+    return error.mark.line, error.mark.column
+
+
+def _raise_if(errors: list[PolicyError], warnings: list[PolicyWarning]) -> None:
     if errors:
-        raise PolicyInvalid(errors)
+        raise PolicyInvalid(errors, warnings)
 
 
 # -- documents -----------------------------------------------------------------------------------
@@ -231,8 +244,9 @@ def _backends(r: Reader, node: yaml.Node, where: str) -> tuple[Backend, ...] | N
         address = r.parsed(fields["address"], f"{at}.address", parse_address)
         tls = r.choice(fields["tls"], f"{at}.tls", BACKEND_TLS) if "tls" in fields else "none"
         identity = r.parsed(fields["identity"], f"{at}.identity", parse_spiffe_id) if "identity" in fields else None
-        if address is not None and tls is not None:
-            out.append(Backend(name, address, tls, identity, mark=r.mark(key_node)))
+        protocol = r.choice(fields["protocol"], f"{at}.protocol", BACKEND_PROTOCOLS) if "protocol" in fields else "auto"
+        if address is not None and tls is not None and protocol is not None:
+            out.append(Backend(name, address, tls, identity, protocol, mark=r.mark(key_node)))
     return tuple(out)
 
 
@@ -371,16 +385,17 @@ def _sticky(r: Reader, node: yaml.Node, where: str) -> Sticky | None:
 
 
 def _retries(r: Reader, node: yaml.Node, where: str) -> Retries | None:
-    fields = r.mapping(node, where, FIELDS["retries"])
+    fields = r.mapping(node, where, FIELDS["retries"], DEPRECATED["retries"])
     if fields is None or "attempts" not in fields:
         return None
     attempts = r.integer(fields["attempts"], f"{where}.attempts", low=1, high=10)
     on: tuple[str, ...] = ("connect-failure",)
-    if "on" in fields:
-        conditions = r.sequence(fields["on"], f"{where}.on")
+    if "retryOn" in fields:
+        at = f"{where}.retryOn"
+        conditions = r.sequence(fields["retryOn"], at)
         if conditions is None:
             return None
-        on = tuple(filter(None, (r.choice(c, f"{where}.on[{i}]", RETRY_CONDITIONS) for i, c in enumerate(conditions))))
+        on = tuple(filter(None, (r.choice(c, f"{at}[{i}]", RETRY_CONDITIONS) for i, c in enumerate(conditions))))
         if len(on) != len(conditions):
             return None
     if attempts is None:

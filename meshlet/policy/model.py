@@ -8,19 +8,33 @@ still point the user at a file, line and column.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from meshlet.policy.errors import PolicyWarning
 
 API_VERSION = "meshlet.dev/v1alpha1"
 
 Dataplane = Literal["proxy", "kernel", "auto"]
 MtlsMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
 BackendTls = Literal["none", "mesh"]
-RetryCondition = Literal["connect-failure", "reset", "5xx", "gateway-error"]
+BackendProtocol = Literal["http1", "http2", "auto"]
+RetryCondition = Literal[
+    "connect-failure", "reset", "5xx", "gateway-error",
+    "unavailable", "resource-exhausted", "cancelled", "deadline-exceeded", "internal",
+]
 
 DATAPLANES: tuple[str, ...] = ("proxy", "kernel", "auto")
 MTLS_MODES: tuple[str, ...] = ("STRICT", "PERMISSIVE", "DISABLE")
 BACKEND_TLS: tuple[str, ...] = ("none", "mesh")
-RETRY_CONDITIONS: tuple[str, ...] = ("connect-failure", "reset", "5xx", "gateway-error")
+# auto: the client's own protocol; http2 with tls none is h2c with prior knowledge (RFC 9113 §3.3).
+BACKEND_PROTOCOLS: tuple[str, ...] = ("http1", "http2", "auto")
+# gRPC status code → the retry condition it matches (Istio's retryOn names, gRPC's codes).
+GRPC_RETRY_CONDITIONS: dict[int, str] = {
+    14: "unavailable", 8: "resource-exhausted", 1: "cancelled", 4: "deadline-exceeded", 13: "internal",
+}
+RETRY_CONDITIONS: tuple[str, ...] = ("connect-failure", "reset", "5xx", "gateway-error",
+                                     *GRPC_RETRY_CONDITIONS.values())
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -58,6 +72,7 @@ class Backend:
     address: Address
     tls: BackendTls = "none"
     identity: str | None = None
+    protocol: BackendProtocol = "auto"
     mark: Mark = _mark()
 
 
@@ -103,6 +118,8 @@ class Sticky:
 
 @dataclass(frozen=True, slots=True)
 class Retries:
+    """`on` holds what YAML writes as `retryOn` (`on` is its deprecated old name)."""
+
     attempts: int
     on: tuple[RetryCondition, ...] = ("connect-failure",)
     mark: Mark = _mark()
@@ -215,10 +232,12 @@ Policy = TrafficPolicy | QoSPolicy
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
-    """Everything one load produced: the documents of one or more files, in order."""
+    """Everything one load produced: the documents of one or more files, in order, and the
+    warnings (deprecated spellings) that did not stop it."""
 
     traffic: tuple[TrafficPolicy, ...] = ()
     qos: tuple[QoSPolicy, ...] = ()
+    warnings: tuple[PolicyWarning, ...] = field(default=(), compare=False)
 
     def __iter__(self):
         yield from self.traffic

@@ -1,4 +1,5 @@
-"""The admin API on 127.0.0.1:15000: read and replace the policy, health, readiness, metrics.
+"""The admin API on 127.0.0.1:15000: read and replace the policy, health, readiness, metrics,
+and `GET /tap`, the live requests as JSON lines (meshlet.proxy.tap).
 
 PUT /policy validates and compiles before anything changes, so a 400 leaves the running
 table exactly as it was. With `--workers`, the supervisor runs this API: it validates once,
@@ -15,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshlet.policy import PolicyInvalid
-from meshlet.proxy.httpserver import Reply, Request
+from meshlet.policy.errors import PolicyWarning
+from meshlet.proxy.httpserver import Reply, Request, Stream
 from meshlet.proxy.state import Applied, PolicyState, reweigh
 from meshlet.rollout.api import BadCall, parse_call
 from meshlet.rollout.machine import RolloutError, RolloutNotFound
@@ -46,6 +48,11 @@ def _json(status: int, value: object) -> Reply:
     return Reply(status, (json.dumps(value, indent=2) + "\n").encode(), "application/json")
 
 
+def _warnings(warnings: tuple[PolicyWarning, ...]) -> dict[str, list[str]]:
+    """`{"warnings": ["policy:LINE:COL: warning: message", ...]}`, or nothing when there are none."""
+    return {"warnings": [str(w) for w in warnings]} if warnings else {}
+
+
 class AdminApi:
     """`ready` says whether the listeners are up; a policy is always loaded once we run."""
 
@@ -53,6 +60,7 @@ class AdminApi:
         self, state: PolicyState, metrics: ProxyMetrics, ready: Callable[[], bool],
         distribute: Distribute | None = None, render_metrics: Callable[[], bytes] | None = None,
         certs: Callable[[], dict] | None = None, rollouts: Rollouts | None = None,
+        tap: Callable[[], AsyncGenerator[bytes, None]] | None = None,
     ):
         self.state = state
         self.metrics = metrics
@@ -61,10 +69,11 @@ class AdminApi:
         self.certs = certs  # the mTLS addon's view of the workload certificate (GET /certs)
         self.render_metrics = render_metrics or (lambda: generate_latest(metrics.registry))
         self.rollouts = rollouts
+        self.tap = tap  # a new stream of tap lines per `GET /tap`
         self.lock = asyncio.Lock()  # one apply (PUT, rollout step, command) at a time
         metrics.generation.set(state.generation)
 
-    async def __call__(self, request: Request) -> Reply:
+    async def __call__(self, request: Request) -> Reply | Stream:
         path, method = request.path, request.method
         if path == "/policy" and method == "GET":
             return _json(200, {"generation": self.state.generation, "policy": self.state.current.source})
@@ -80,9 +89,11 @@ class AdminApi:
             return await self.rollout_request(request)
         if path == "/metrics" and method == "GET":
             return Reply(200, self.render_metrics(), CONTENT_TYPE_LATEST)
-        if path in ("/policy", "/healthz", "/readyz", "/metrics"):
+        if path == "/tap" and method == "GET" and self.tap is not None:
+            return Stream(self.tap())
+        if path in ("/policy", "/healthz", "/readyz", "/metrics", "/tap"):
             return Reply(405, f"method {method} not allowed on {path}\n".encode())
-        return Reply(404, b"not found: try /policy /healthz /readyz /metrics\n")
+        return Reply(404, b"not found: try /policy /healthz /readyz /metrics /tap\n")
 
     async def put_policy(self, request: Request) -> Reply:
         generation = request.headers.get(GENERATION_HEADER)
@@ -104,7 +115,7 @@ class AdminApi:
                 return _json(400, {"errors": [f"{POLICY_FILE}: {e}"]})
             except PolicyInvalid as e:
                 count("invalid")
-                return _json(400, {"errors": [str(error) for error in e.errors]})
+                return _json(400, {"errors": [str(error) for error in e.errors], **_warnings(e.warnings)})
             notes: list[str] = []
             if self.rollouts is not None:  # keep or cancel each rollout, then compile its weights in
                 notes = self.rollouts.reconcile(applied.policies)
@@ -115,8 +126,10 @@ class AdminApi:
                 count("error")
                 return _json(500, {"errors": [str(e)]})
         count("ok")
-        # "rollouts": what the apply did to running rollouts (kept, cancelled, ended), when any ran
-        return _json(200, {"generation": applied.table.generation, **({"rollouts": notes} if notes else {})})
+        # "rollouts": what the apply did to running rollouts (kept, cancelled, ended), when any ran;
+        # "warnings": what the loader said of the text (deprecated fields), when it said anything
+        return _json(200, {"generation": applied.table.generation, **({"rollouts": notes} if notes else {}),
+                           **_warnings(applied.warnings)})
 
     async def install(self, applied: Applied) -> None:
         """Hand to every worker (raises DistributionError), then swap here: the one way in."""

@@ -19,7 +19,7 @@ from meshlet.proxy.admin import AdminApi
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError, make_engine
 from meshlet.proxy.state import Applied, PolicyState
-from meshlet.proxy.tap import TapHub
+from meshlet.proxy.tap import TapHub, hub_lines
 from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
 from meshlet.telemetry.proxy import ProxyMetrics
 
@@ -55,7 +55,8 @@ async def serve(
     tap = TapHub()
     engine = make_engine(config, state, metrics, tap)
     outbound, inbound = await engine.start()
-    admin_api = AdminApi(state, metrics, engine.ready, certs=engine.certs, rollouts=rollouts)
+    admin_api = AdminApi(state, metrics, engine.ready, certs=engine.certs, rollouts=rollouts,
+                         tap=lambda: hub_lines(tap))
     try:
         admin = await httpserver.start(admin_api, config.admin.host, config.admin.port)
     except OSError as e:
@@ -78,6 +79,7 @@ async def serve(
     finally:
         if ticker is not None:
             ticker.cancel()
+        tap.close()  # `meshlet tap` clients see their stream end
         admin.close()
         await engine.close()
     return 0

@@ -36,6 +36,7 @@ from meshlet.proxy.admin import GENERATION_HEADER, WEIGHTS_HEADER, AdminApi, Dis
 from meshlet.proxy.config import SidecarConfig, config_to_json
 from meshlet.proxy.engine import StartupError
 from meshlet.proxy.state import Applied, PolicyState
+from meshlet.proxy.tapmerge import WorkerTaps
 from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
 from meshlet.telemetry.proxy import ProxyMetrics, enable_multiprocess, multiprocess_render
 
@@ -186,10 +187,11 @@ async def supervise(
             applied = resume_rollouts(rollouts, applied)
         supervisor = Supervisor(config, applied, count, metrics_dir)
         await supervisor.start()
+        taps = WorkerTaps(lambda: [w.control for w in supervisor.workers])
         try:
             render = multiprocess_render(metrics_dir)
             api = AdminApi(supervisor.state, metrics, supervisor.ready, supervisor.distribute, render,
-                           certs=identity_certs(config.identity_dir), rollouts=rollouts)
+                           certs=identity_certs(config.identity_dir), rollouts=rollouts, tap=taps.lines)
             try:
                 admin = await httpserver.start(api, config.admin.host, config.admin.port)
             except OSError as e:
@@ -213,6 +215,7 @@ async def supervise(
                 ticker.cancel()
         finally:
             await supervisor.stop(config.drain_timeout + 5.0)
+            taps.close()  # after the workers drained: their last requests are in the streams
         return 0
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
