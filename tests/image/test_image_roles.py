@@ -107,8 +107,8 @@ def test_both_engines_load_from_bytecode_under_O(sidecar_image):
     """A read-only root cannot cache bytecode, so what the sidecar imports under `python -O`
     must ship compiled for -O, or every start (and every worker) compiles it again."""
     script = (
-        "import sys, importlib.util, uvloop, httptools, h2.connection, mitmproxy.proxy.server, "
-        "meshlet.commands.run, kubernetes.client\n"
+        "import sys, importlib.util, uvloop, httptools, h2.connection, meshlet.proxy.lean.engine, "
+        "meshlet.proxy.mitm.engine, meshlet.commands.run, kubernetes.client\n"
         "files = [m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)]\n"
         "py = [f for f in files if f.endswith('.py')]\n"
         "missing = [f for f in py if not __import__('os').path.exists(importlib.util.cache_from_source(f))]\n"
