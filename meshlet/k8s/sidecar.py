@@ -67,7 +67,8 @@ class Resources:
 class InjectConfig:
     """The sidecar's image, resources and ports; defaults are the chart's values.yaml `proxy:`."""
 
-    image: str = f"ghcr.io/meshlet/meshlet:{__version__}"
+    # What `make image` builds and tags (scripts/image/build); a registry's name once pushed there.
+    image: str = f"localhost/meshlet:{__version__}"
     image_pull_policy: str = "IfNotPresent"
     resources: Resources = field(default_factory=Resources)
     uid: int = 1337

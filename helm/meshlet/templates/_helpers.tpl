@@ -19,6 +19,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* The injected sidecar's image: the chart's own unless proxy.image names another. */}}
+{{- define "meshlet.proxyImage" -}}
+{{ .Values.proxy.image | default (include "meshlet.image" .) }}
+{{- end -}}
+
+{{/* The agent's: the same image's -agent variant (Containerfile.agent) unless agent.image names one. */}}
+{{- define "meshlet.agentImage" -}}
+{{ .Values.agent.image | default (printf "%s-agent" (include "meshlet.image" .)) }}
+{{- end -}}
+
 {{- define "meshlet.webhookName" -}}
 {{ include "meshlet.fullname" . }}-webhook
 {{- end -}}

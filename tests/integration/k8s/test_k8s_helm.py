@@ -69,10 +69,13 @@ def test_chart_crds_are_the_generated_ones():
         assert find(docs, "CustomResourceDefinition", generated["metadata"]["name"]) == generated
 
 
-def proxy_values_to_config(proxy: dict, identity_server: str) -> InjectConfig:
+def proxy_values_to_config(values: dict, identity_server: str) -> InjectConfig:
+    proxy = values["proxy"]
     r = proxy["resources"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    image = proxy["image"] or f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}"
     return InjectConfig(
-        image=proxy["image"], image_pull_policy=proxy["imagePullPolicy"],
+        image=image, image_pull_policy=proxy["imagePullPolicy"],
         resources=Resources(r["requests"]["cpu"], r["requests"]["memory"],
                             r.get("limits", {}).get("cpu"), r.get("limits", {}).get("memory")),
         uid=proxy["uid"], workers=proxy["workers"], outbound_port=proxy["ports"]["outbound"], inbound_port=proxy["ports"]["inbound"],
@@ -88,7 +91,7 @@ MESH_IDENTITY = "https://mesh-meshlet-identity.meshlet-system.svc:15012"
 def test_values_mirror_inject_defaults():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     server = f"https://meshlet-identity.meshlet-system.svc:{values['identity']['port']}"
-    assert proxy_values_to_config(values["proxy"], server) == InjectConfig()
+    assert proxy_values_to_config(values, server) == InjectConfig()
 
 
 def test_meshlet_inject_defaults_reach_the_identity_service_of_the_readme_install():
@@ -126,6 +129,20 @@ def test_proxy_values_reach_the_webhook():
     assert fail_open is False
     hook = find(docs, "MutatingWebhookConfiguration")["webhooks"][0]
     assert hook["failurePolicy"] == "Fail"
+
+
+def test_one_repository_value_moves_every_image():
+    """After pushing `make image`'s archives to a registry, image.repository is the only value to set."""
+    docs = render("image.repository=reg.example/mesh/meshlet", "image.tag=v7")
+    config, _ = webhook_config(docs)
+    assert config.image == "reg.example/mesh/meshlet:v7"
+    for deployment in ("mesh-meshlet-webhook", "mesh-meshlet-identity"):  # one image for every role
+        containers = find(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"]
+        assert containers[0]["image"] == "reg.example/mesh/meshlet:v7", deployment
+    agent = find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    assert agent["image"] == "reg.example/mesh/meshlet:v7-agent"
+    assert find(render("agent.image=other/agent:1"), "DaemonSet")["spec"]["template"]["spec"]["containers"][0][
+        "image"] == "other/agent:1"
 
 
 def test_webhook_configuration_points_at_the_service_with_a_matching_ca():
@@ -173,6 +190,7 @@ def test_agent_is_privileged_host_network_with_kernel_mounts_and_read_only_api_a
     assert pod["hostNetwork"] is True
     container = pod["containers"][0]
     assert container["securityContext"]["privileged"] is True
+    assert container["securityContext"]["runAsUser"] == 0  # whatever user the image names
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {
         "/sys/fs/bpf", "/sys/kernel/tracing", "/lib/modules", "/usr/src", "/run/meshlet/cgroupv2"}
     assert pod["automountServiceAccountToken"] is True
