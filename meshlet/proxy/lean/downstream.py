@@ -284,9 +284,16 @@ class Downstream(asyncio.Protocol):
 
     def refuse(self, status: int, message: str) -> None:
         """Answer a request llhttp or a limit refused, after those before it, and close."""
+        self.transport.pause_reading()
+        broken = self.parsing
+        if broken is not None and not broken.request_done:  # its body broke off: that request is refused
+            self.parsing = None
+            if broken is self.active:
+                broken.request_broken(status, message)
+                return
+            self.waiting.remove(broken)  # not started yet: refused in turn, below
         answer = local_response(status, message, close=True)
         self.engine.metrics.observe(self.direction, "invalid", "none", status, 0.0, "unknown")
-        self.transport.pause_reading()
         if self.active is None:
             self.transport.write(answer)
             self.transport.close()

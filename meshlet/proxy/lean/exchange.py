@@ -193,14 +193,17 @@ class Exchange:
             elif kind == _REQUEST_ID:
                 request_id = value
                 lines.append(b"%s: %s\r\n" % (name, value))
-            elif kind == _TE:
-                te = value
+            elif kind == _TE:  # repeated fields are one list (RFC 9110 §5.3)
+                te = value if te is None else te + b"," + value
             elif kind == _CONNECTION:
                 connection = value if connection is None else connection + b"," + value
             elif kind == _EXPECT:
                 self.expect = value.strip().lower() == b"100-continue"
             # _IDENTITY: set by the sidecar only, whatever the caller sent; _UPGRADE, _HOP: hop-by-hop
         if te is not None:
+            if te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":  # RFC 9112 §6.3: no framing, no request
+                self.answer(400, "meshlet: malformed request: Transfer-Encoding must end in chunked", close=True)
+                return
             if te.strip().lower() != b"chunked":  # RFC 9112 §6.1: a coding we would have to undo
                 self.answer(501, f"meshlet: transfer coding {te.decode('latin-1')!r} is not supported; "
                             "send chunked or Content-Length", close=True)
@@ -545,11 +548,7 @@ class Exchange:
     def timed_out(self) -> None:
         if self.finished:
             return
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.close()
-        if self.connecting is not None:
-            self.connecting.cancel()
+        self._drop_upstream()
         if self.response_started:
             self.close_after = True
             self.downstream.abort()
@@ -570,12 +569,30 @@ class Exchange:
         """The client went away first: the backend's connection cannot be reused mid-exchange."""
         if self.finished:
             return
+        self._drop_upstream()
+        self.finish(0, notify=False)
+
+    def request_broken(self, status: int, message: str) -> None:
+        """The request body broke its framing (a bad chunk size): the backend has at most part of a
+        request, so its connection goes; the client gets `status`, or mid-response, a closed connection."""
+        if self.finished:
+            return
+        self._drop_upstream()
+        self.history = None
+        self.retrying = False
+        if self.response_started:
+            self.close_after = True
+            self.downstream.abort()
+            self.finish(self.status)
+            return
+        self.answer(status, message, close=True)
+
+    def _drop_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.close()
         if self.connecting is not None:
             self.connecting.cancel()
-        self.finish(0, notify=False)
 
     def finish(self, code: int, notify: bool = True) -> None:
         self.finished = True
