@@ -175,7 +175,7 @@ class Exchange:
         """Route the request; runs once it is the oldest unanswered request of its connection."""
         downstream = self.downstream
         lines: list[bytes] = []
-        host = b""
+        host: bytes | None = None
         length = b"0"
         te = None
         connection = None
@@ -184,9 +184,11 @@ class Exchange:
             kind = _SPECIAL.get(name.lower())
             if kind is None:
                 lines.append(b"%s: %s\r\n" % (name, value))
-            elif kind == _HOST:
+            elif kind == _HOST:  # written below, from the target when it names an authority
+                if host is not None:  # RFC 9112 §3.2: which one would the backend believe?
+                    self.answer(400, "meshlet: malformed request: more than one Host field", close=True)
+                    return
                 host = value
-                lines.append(b"%s: %s\r\n" % (name, value))
             elif kind == _LENGTH:
                 length = value
                 lines.append(b"%s: %s\r\n" % (name, value))
@@ -219,10 +221,8 @@ class Exchange:
         if request_id is None:
             lines.append(b"x-request-id: %s\r\n" % self.request_id)
         authority, path = split_target(self.target)
-        self.authority = authority or host
+        self.authority = authority or host or b""
         self.path = path
-        if not host and self.authority:
-            lines.append(b"Host: %s\r\n" % self.authority)
         if self.method == b"CONNECT":
             self._tunnel()
             return
@@ -233,6 +233,13 @@ class Exchange:
             self.route_name, self.backend, self.service = "inbound", "app", "app"
         elif not self._route():
             return
+        # RFC 9112 §3.2: an HTTP/1.1 request has one Host; a proxy makes it from an absolute-form
+        # target (§3.2.2), and from where it sends a request that had none (HTTP/1.0)
+        if self.authority:
+            lines.insert(0, b"Host: %s\r\n" % self.authority)
+        elif self.destination is not None:
+            where, port = self.destination
+            lines.insert(0, b"Host: %s:%d\r\n" % ((f"[{where}]" if ":" in where else where).encode(), port))
         if self.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if self.upgrade:
@@ -438,9 +445,10 @@ class Exchange:
     def _response_head(self, status: int, reason: bytes, headers: list[Header], interim: bool = False) -> bytes:
         lines = [status_line(status, reason)]
         has_length = chunked = False
+        listed = connection_tokens(headers)  # RFC 9110 §7.6.1: fields the backend named hop-by-hop
         for name, value in headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP:
+            if lname in HOP_BY_HOP or lname in listed:
                 chunked = chunked or lname == b"transfer-encoding"
                 continue
             if lname == b"content-length":
