@@ -25,16 +25,18 @@ log = logging.getLogger("meshlet.proxy")
 def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
     from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
+    from meshlet.proxy.mitm.forwarding import Forwarding
     from meshlet.proxy.mitm.h2c import RefuseH2c
     from meshlet.proxy.mitm.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
+    from meshlet.proxy.mitm.strict import Strict  # first of the request hooks: refused requests go no further
     from meshlet.proxy.mitm.tunnel import PassThrough
 
     mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry,
                            config.ca_dir)
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     return [
-        core.Core(), proxyserver.Proxyserver(), *mtls, RefuseH2c(), PassThrough(), next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
+        core.Core(), proxyserver.Proxyserver(), Strict(routing.metrics), *mtls, RefuseH2c(), PassThrough(),
+        next_layer.NextLayer(), tlsconfig.TlsConfig(), Forwarding(),
         routing,
     ]
 
