@@ -16,6 +16,7 @@ Paths (any method; HEAD gets the head only):
   /status/C    status C; 204 and 304 without a body, others with `C\n`
   /early       103 Early Hints, then 200 `early\n`
   /slow/MS     200 after MS milliseconds
+  /smuggle     200 with both Content-Length and Transfer-Encoding (then the connection closes)
   /hop         200 with hop-by-hop fields (a Connection-listed one, Keep-Alive, Proxy-Connection)
   anything     200 with the request's body length and SHA-256 (`LENGTH SHA256\n`)
 Every response carries `x-path` (the target received) and `x-seen` (this request's number), and
@@ -179,6 +180,10 @@ class RawBackend:
         if kind == "slow":
             await asyncio.sleep(size / 1000)
             return await _reply(writer, 200, fields, b"slow\n", send_body)
+        if kind == "smuggle":  # a response framed two ways: a proxy must not pass it on (RFC 9112 §6.3)
+            writer.write(_head(200, [*fields, ("Content-Length", "5"), ("Transfer-Encoding", "chunked")]) +
+                         b"5\r\nabcde\r\n0\r\n\r\n")
+            return False
         if kind == "hop":
             fields += [("Connection", "x-backend-hop"), ("X-Backend-Hop", "1"), ("Keep-Alive", "timeout=5"),
                        ("Proxy-Connection", "keep-alive"), ("X-End-To-End", "kept")]

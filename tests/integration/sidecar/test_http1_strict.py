@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from raw_backend import RawBackend, pattern
+from raw_backend import RawBackend
 from sidecar_support import Backends, policy, run_sidecar
 from wire import Wire, refused, request
 
@@ -53,15 +53,16 @@ def post(fields: bytes, body: bytes) -> bytes:
     return b"POST /x HTTP/1.1\r\n" + HOST + fields + b"\r\n" + body
 
 
-def only_the_barrier_arrived(sidecar, backend: RawBackend, exact: bool = True) -> None:
-    """A good request, then: the backend saw it and nothing else. With `exact`, not a byte else
-    either (a head-level refusal happens before any upstream connection is used)."""
+def only_the_barrier_arrived(sidecar, backend: RawBackend, exact: bool = True, before: tuple[str, ...] = ()) -> None:
+    """A good request, then: the backend saw it (after the requests `before` it) and nothing else.
+    With `exact`, not a byte else either (a head-level refusal happens before any upstream
+    connection is used)."""
     answer = request(sidecar.outbound, get(target=b"/barrier"))
     assert answer.status == 200
-    seen = backend.wait_for(1)
-    assert [r.target for r in seen] == ["/barrier"]
+    seen = backend.wait_for(len(before) + 1)
+    assert [r.target for r in seen] == [*before, "/barrier"]
     if exact:
-        assert backend.received == len(seen[0].head)
+        assert backend.received == sum(len(r.head) for r in seen)
 
 
 CHUNKED = b"3\r\nabc\r\n0\r\n\r\n"
@@ -109,11 +110,29 @@ def test_the_limits_are_not_lower_than_documented(sidecar, clean):
 def test_a_malformed_request_after_a_good_one_is_answered_in_turn(sidecar, clean):
     """Pipelined: the good request is answered first, then the refusal, then the connection closes."""
     with Wire(sidecar.outbound) as wire:
-        wire.send(get(target=b"/cl/5") + get(b"X-Nul: \x00\r\n"))
+        wire.send(get(target=b"/slow/200") + get(b"X-Nul: \x00\r\n"))
         first, second = wire.final(), wire.final()
-        assert (first.status, first.body, second.status) == (200, pattern(5), 400)
+        assert (first.status, first.body, second.status) == (200, b"slow\n", 400)
         assert wire.closed()
-    assert [r.target for r in clean.requests] == ["/cl/5"]
+    only_the_barrier_arrived(sidecar, clean, before=("/slow/200",))
+
+
+def test_a_broken_body_after_a_good_request_never_reaches_the_backend(sidecar, clean):
+    with Wire(sidecar.outbound) as wire:
+        wire.send(get(target=b"/slow/200") + post(b"Transfer-Encoding: chunked\r\n", b"zz\r\n"))
+        first = wire.final()
+        rest = wire.rest()
+        assert wire.eof
+    assert (first.status, first.body) == (200, b"slow\n")
+    assert not rest or rest.startswith(b"HTTP/1.1 400 ")
+    only_the_barrier_arrived(sidecar, clean, exact=False, before=("/slow/200",))
+
+
+def test_a_response_framed_two_ways_is_not_passed_on(sidecar, clean):
+    """RFC 9112 §6.3: a backend's response with Content-Length and Transfer-Encoding gets 502."""
+    answer = request(sidecar.outbound, get(target=b"/smuggle"))
+    assert answer.status == 502
+    assert b"abcde" not in answer.body
 
 
 BROKEN = {"garbage size": b"zz\r\nabc\r\n0\r\n\r\n", "chunk overrun": b"3\r\nabcXY\r\n0\r\n\r\n",
