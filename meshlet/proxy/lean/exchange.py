@@ -54,6 +54,7 @@ _SPECIAL = {
     **{name: _HOP for name in HOP_BY_HOP - {b"transfer-encoding", b"connection", b"upgrade"}},
 }
 _NO_BODY_STATUS = frozenset((204, 304))
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))  # names no other field
 
 
 def new_request_id() -> bytes:
@@ -445,15 +446,19 @@ class Exchange:
     def _response_head(self, status: int, reason: bytes, headers: list[Header], interim: bool = False) -> bytes:
         lines = [status_line(status, reason)]
         has_length = chunked = False
-        listed = connection_tokens(headers)  # RFC 9110 §7.6.1: fields the backend named hop-by-hop
+        connection = None
         for name, value in headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP or lname in listed:
+            if lname in HOP_BY_HOP:
                 chunked = chunked or lname == b"transfer-encoding"
+                if lname == b"connection":
+                    connection = value if connection is None else connection + b"," + value
                 continue
             if lname == b"content-length":
                 has_length = True
             lines.append(b"%s: %s\r\n" % (name, value))
+        if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
+            lines = _without_listed(lines, connection)
         if interim:
             return b"".join(lines) + b"\r\n"
         if status == 101:
@@ -618,6 +623,12 @@ class Exchange:
             ))
         if notify:
             downstream.exchange_done(self)
+
+
+def _without_listed(lines: list[bytes], connection: bytes) -> list[bytes]:
+    """RFC 9110 §7.6.1: fields a Connection field names are hop-by-hop too (rare: a second pass)."""
+    listed = connection_tokens(((b"connection", connection),))
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in listed]
 
 
 def _value(headers: list[Header], wanted: bytes) -> bytes:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from mitmproxy import http
 
+from meshlet.proxy.lean.http1 import FRAMING  # never dropped: the body would reach the backend unframed
+
 Fields = Sequence[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset((b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -33,7 +35,7 @@ def without_hop_by_hop(fields: Fields) -> tuple[tuple[bytes, bytes], ...] | None
     for name, value in fields:
         if name.lower() == b"connection":
             listed.update(token.strip().lower() for token in value.split(b","))
-    drop = HOP_BY_HOP | listed
+    drop = HOP_BY_HOP | (listed - FRAMING)
     if b"upgrade" in listed:
         drop = drop - {b"upgrade"}
     own = b", ".join(token for token in OWN_TOKENS if token in listed)

@@ -245,6 +245,22 @@ def test_hop_by_hop_fields_are_not_forwarded_either_way(sidecar, main):
     assert answer.field("x-end-to-end") == "kept"
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_connection_cannot_unframe_a_request_body(sidecar, main, chunked):
+    """A client naming the framing fields in Connection must not get its body read as a second
+    request by the backend (request smuggling on the sidecar's pooled connection)."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: reviews\r\n\r\n"
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % len(smuggled)
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled) if chunked else smuggled
+    with Wire(sidecar.outbound) as wire:
+        wire.send(b"POST /echo HTTP/1.1\r\n" + HOST + b"Connection: Content-Length, Transfer-Encoding, Host\r\n" +
+                  framing + b"\r\n" + body)
+        assert wire.final().body == summary(smuggled)
+        wire.send(b"GET /cl/2 HTTP/1.1\r\n" + HOST + b"\r\n")
+        assert wire.final().body == pattern(2)
+    assert [r.target for r in main.wait_for(3, timeout=1)] == ["/echo", "/cl/2"]
+
+
 def test_an_absolute_form_target_decides_the_host(sidecar, main):
     """RFC 9112 §3.2.2: routed by the target's authority, and forwarded with a Host made from it."""
     answer = request(sidecar.outbound, b"GET http://reviews/cl/4 HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")

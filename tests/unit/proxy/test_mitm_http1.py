@@ -60,6 +60,11 @@ class TestForwarding:
                   (b"Trailer", b"x"), (b"Proxy-Connection", b"keep-alive"), (b"Upgrade", b"websocket"), (b"X-E2e", b"1"))
         assert without_hop_by_hop(fields) == ((b"Connection", b"keep-alive"), (b"X-E2e", b"1"))
 
+    def test_framing_fields_stay_even_when_listed(self):
+        fields = ((b"connection", b"content-length, transfer-encoding, host"), (b"host", b"a"),
+                  (b"content-length", b"3"))
+        assert without_hop_by_hop(fields) == ((b"host", b"a"), (b"content-length", b"3"))
+
     def test_an_upgrade_keeps_its_upgrade(self):
         fields = ((b"connection", b"Upgrade"), (b"upgrade", b"websocket"))
         assert without_hop_by_hop(fields) == ((b"connection", b"upgrade"), (b"upgrade", b"websocket"))
