@@ -244,7 +244,11 @@ class Exchange:
         if self.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if self.upgrade:
-            lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % self._field(b"upgrade"))
+            protocol = self._field(b"upgrade")
+            if protocol.strip().lower() == b"h2c":  # served as HTTP/1.1, as RFC 9113 lets a server:
+                self.upgrade = False  # after a 101, requests would pass as bytes, past the policy
+            else:
+                lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % protocol)
         self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, path or b"/", b"".join(lines))
         route = self.route
         if route is not None and route.timeout is not None:
