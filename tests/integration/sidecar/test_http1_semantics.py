@@ -175,6 +175,25 @@ def test_pipelined_requests_are_answered_in_order(sidecar, main):
     assert [r.target for r in main.wait_for(3)] == ["/slow/300", "/echo", "/chunked/2500"]
 
 
+def test_an_upgrade_the_backend_declines_leaves_http11_going(sidecar, main):
+    with Wire(sidecar.outbound) as wire:
+        wire.send(b"GET /cl/3 HTTP/1.1\r\n" + HOST + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                  b"GET /cl/4 HTTP/1.1\r\n" + HOST + b"\r\n")
+        assert [wire.final().body, wire.final().body] == [pattern(3), pattern(4)]
+
+
+def test_an_h2c_upgrade_is_served_as_http11_and_not_forwarded(sidecar, main):
+    """After a 101, requests would pass as bytes, past the policy: the sidecar declines h2c."""
+    with Wire(sidecar.outbound) as wire:
+        wire.send(b"GET /cl/3 HTTP/1.1\r\n" + HOST + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                  b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        answer = wire.final()
+        assert (answer.status, answer.body) == (200, pattern(3))
+        wire.send(b"GET /cl/4 HTTP/1.1\r\n" + HOST + b"\r\n")
+        assert wire.final().body == pattern(4)
+    assert not main.wait_for(2)[0].names() & {"upgrade", "http2-settings", "connection"}
+
+
 # --- HTTP/1.0 --------------------------------------------------------------------------------------
 def host_as_required(seen, host: str) -> bool:
     """RFC 9112 §3.2: an HTTP/1.1 request carries Host (the lean engine forwards HTTP/1.0 as 1.1 with
@@ -381,6 +400,15 @@ def test_curl_reuses_one_connection_across_204_304_chunked_and_head(sidecar, mai
                   "--next", "-v", "-I", "http://reviews/head")
     assert result.stderr.count(b"Re-using existing connection") == 3, result.stderr.decode()
     assert b"Content-Length: 1234" in result.stdout
+
+
+def test_curl_http2_over_cleartext_keeps_its_connection_as_http11(sidecar, main):
+    """curl --http2 on an http:// URL asks for h2c on its first request and goes on in HTTP/1.1."""
+    base = f"http://{sidecar.outbound[0]}:{sidecar.outbound[1]}"
+    result = subprocess.run(["curl", "-sS", "-v", "--http2", "-m", "10", "-H", "Host: reviews", f"{base}/cl/3",
+                             f"{base}/cl/4"], capture_output=True, timeout=30, check=True)
+    assert result.stdout == pattern(3) + pattern(4)
+    assert b"Re-using existing connection" in result.stderr
 
 
 def test_curl_http10(sidecar, main):
