@@ -40,6 +40,7 @@ SECTIONS: dict[str, type] = {
     "sticky": model.Sticky,
     "retries": model.Retries,
     "mtls": model.Mtls,
+    "selector": model.Mtls,
     "qos": model.TrafficPolicy,
     "QoSPolicy.spec": model.QoSPolicy,
     "qosClass": model.QosClass,
@@ -55,12 +56,14 @@ RENAMED: dict[tuple[str, str], str] = {
     ("sticky", "source"): "source_ip",
     ("analysis.success_rate", "min"): "min_success_rate",
     ("analysis.p99", "max"): "max_p99",
+    ("selector", "matchLabels"): "selector",
 }
 # YAML mappings that fold into their parent's class: field → the section describing them.
 NESTED: dict[tuple[str, str], str] = {
     ("TrafficPolicy.spec", "qos"): "qos",
     ("analysis", "success_rate"): "analysis.success_rate",
     ("analysis", "p99"): "analysis.p99",
+    ("mtls", "selector"): "selector",
 }
 
 _DURATION = {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h))+$", "description": "e.g. 2s, 150ms, 1m30s"}
@@ -72,6 +75,7 @@ FORMS: dict[tuple[str, str], dict] = {
     ("TrafficPolicy.spec", "vip"): {"type": "string", "minLength": 9, "description": "IPV4:PORT a kernel split takes"},
     ("backend", "identity"): _SPIFFE,
     ("mtls", "allow"): {"type": "array", "items": _SPIFFE},
+    ("selector", "matchLabels"): {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}},
     ("route", "timeout"): _DURATION,
     ("rollout", "interval"): _DURATION,
     ("analysis.p99", "max"): _DURATION,

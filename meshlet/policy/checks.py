@@ -10,6 +10,8 @@ from meshlet.policy.errors import PolicyError
 from meshlet.policy.model import Mark, PolicySet, QoSPolicy, Route, TrafficPolicy
 from meshlet.policy.values import is_hostname
 
+Labels = tuple[tuple[str, str], ...]
+
 
 def check_policy(policy: TrafficPolicy | QoSPolicy) -> list[PolicyError]:
     if isinstance(policy, TrafficPolicy):
@@ -140,6 +142,7 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
     names: dict[tuple[str, str, str], Mark] = {}
     hosts: dict[tuple[str, str], Mark] = {}
     interfaces: dict[str, Mark] = {}
+    peer_auth: dict[tuple[str, Labels], Mark] = {}
     for policy in policies:
         meta = policy.metadata
         key = (policy.kind, meta.namespace, meta.name)
@@ -153,9 +156,28 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
                 errors.append(PolicyError(policy.mark, f"host {policy.host!r} is already governed by the policy at "
                                           f"{hosts[host_key]}; one policy per host"))
             hosts.setdefault(host_key, policy.mark)
+            if policy.mtls is not None:
+                errors.extend(_check_mtls_scope(policy, peer_auth))
         else:
             if policy.interface in interfaces:
                 errors.append(PolicyError(policy.mark, f"interface {policy.interface!r} already has a QoSPolicy "
                                           f"(at {interfaces[policy.interface]})"))
             interfaces.setdefault(policy.interface, policy.mark)
     return errors
+
+
+def _check_mtls_scope(policy: TrafficPolicy, seen: dict[tuple[str, Labels], Mark]) -> list[PolicyError]:
+    """One namespace default, and one mtls section per selector: never "whichever came first"."""
+    assert policy.mtls is not None
+    key = (policy.metadata.namespace, policy.mtls.selector)
+    if key not in seen:
+        seen[key] = policy.mtls.mark
+        return []
+    first = seen[key]
+    if not policy.mtls.selector:
+        message = (f"mtls: namespace {policy.metadata.namespace!r} already has a default mtls section (at {first}); "
+                   "keep one, or give this one a selector: {matchLabels: {...}} naming its workloads")
+    else:
+        labels = ", ".join(f"{k}={v}" for k, v in policy.mtls.selector)
+        message = f"mtls.selector {{{labels}}} is already used by the mtls section at {first}; keep one"
+    return [PolicyError(policy.mtls.mark, message)]

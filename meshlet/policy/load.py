@@ -43,7 +43,15 @@ from meshlet.policy.model import (
     WeightedBackend,
 )
 from meshlet.policy.reader import Reader
-from meshlet.policy.values import parse_address, parse_duration, parse_rate, parse_spiffe_id, parse_vip
+from meshlet.policy.values import (
+    parse_address,
+    parse_duration,
+    parse_label_key,
+    parse_label_value,
+    parse_rate,
+    parse_spiffe_id,
+    parse_vip,
+)
 
 # Which fields each mapping accepts: name → required.
 FIELDS: dict[str, dict[str, bool]] = {
@@ -68,7 +76,8 @@ FIELDS: dict[str, dict[str, bool]] = {
     "target": {"backend": True, "weight": False},
     "sticky": {"header": False, "cookie": False, "source": False},
     "retries": {"attempts": True, "on": False},
-    "mtls": {"mode": False, "allow": False},
+    "mtls": {"mode": False, "allow": False, "selector": False},
+    "selector": {"matchLabels": True},
     "qos": {"class": True},
     "QoSPolicy.spec": {"interface": True, "classes": True},
     "qosClass": {"priority": True, "rate": True, "ceil": False, "ports": False, "slo": False},
@@ -444,9 +453,33 @@ def _mtls(r: Reader, node: yaml.Node, where: str) -> Mtls | None:
             identity = r.parsed(item, f"{where}.allow[{i}]", parse_spiffe_id)
             if identity is not None:
                 allow.append(identity)
-    if mode is None:
+    selector = _selector(r, fields["selector"], f"{where}.selector") if "selector" in fields else ()
+    if mode is None or selector is None:
         return None
-    return Mtls(mode, tuple(allow), mark=r.mark(node))
+    return Mtls(mode, tuple(allow), selector, mark=r.mark(node))
+
+
+def _selector(r: Reader, node: yaml.Node, where: str) -> tuple[tuple[str, str], ...] | None:
+    """`{matchLabels: {app: reviews}}`: the workloads whose labels include all of these."""
+    fields = r.mapping(node, where, FIELDS["selector"])
+    if fields is None or "matchLabels" not in fields:
+        return None
+    entries = r.entries(fields["matchLabels"], f"{where}.matchLabels")
+    if entries is None:
+        return None
+    if not entries:
+        r.error(fields["matchLabels"], f"{where}.matchLabels: name at least one label, or leave out the selector "
+                "for the namespace's default")
+        return None
+    labels = []
+    for key, (key_node, value_node) in entries.items():
+        name = r.parsed(key_node, f"{where}.matchLabels", parse_label_key)
+        value = r.parsed(value_node, f"{where}.matchLabels.{key}", parse_label_value, ints_ok=True)
+        if name is not None and value is not None:
+            labels.append((name, value))
+    if len(labels) != len(entries):
+        return None
+    return tuple(sorted(labels))
 
 
 # -- QoSPolicy -----------------------------------------------------------------------------------

@@ -149,8 +149,13 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Mtls:
+    """A workload's inbound mTLS mode and allow list, like Istio's PeerAuthentication: with a
+    `selector` (label → value, all must match) it applies to the workloads carrying those
+    labels; without one it is the namespace's default."""
+
     mode: MtlsMode = "PERMISSIVE"
     allow: tuple[str, ...] = ()
+    selector: tuple[tuple[str, str], ...] = ()  # sorted; empty: the namespace default
     mark: Mark = _mark()
 
 
