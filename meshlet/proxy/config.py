@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshlet.policy.model import Address
+from meshlet.proxy.listen import is_loopback
 
 
 def parse_listen(text: str) -> Address:
@@ -23,16 +24,36 @@ OUTBOUND = Address("127.0.0.1", 15001)
 INBOUND = Address("0.0.0.0", 15006)
 ADMIN = Address("127.0.0.1", 15000)
 APP = Address("127.0.0.1", 8080)
+HEALTH_PORT = 15020  # what injection passes as --health [::]:15020 (Istio's status port)
+
+
+def check_admin(address: Address) -> Address:
+    """The control API changes what the sidecar does: ValueError unless it listens on loopback."""
+    if not is_loopback(address.host):
+        raise ValueError(
+            f"--admin {address}: the control API (PUT /policy, rollouts, /certs) listens on loopback only "
+            f"(127.0.0.1 or ::1); probes and Prometheus use --health HOST:PORT, e.g. [::]:{HEALTH_PORT}"
+        )
+    return address
 
 
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
-    """`identity_dir` (cert.pem, key.pem, ca.pem) switches on mesh TLS; None runs cleartext."""
+    """`identity_dir` (cert.pem, key.pem, ca.pem) switches on mesh TLS; None runs cleartext.
+
+    `admin` is loopback-only (checked here, so no path builds a sidecar that serves its control
+    API to the network); `health` is the read-only port for probes and scrapes; `control` is
+    set by the supervisor for a `--workers` worker: its private API on a Unix socket, instead
+    of `admin` and `health`.
+    """
 
     outbound: Address = OUTBOUND
     inbound: Address = INBOUND
     admin: Address = ADMIN
     app: Address = APP
+    health: Address | None = None
+    control: str | None = None
+    workload_labels: tuple[tuple[str, str], ...] = ()  # for workload-scoped inbound mTLS (mtls.selector)
     strict_hosts: bool = False
     drain_timeout: float = 10.0
     metrics_compat: str = "none"
@@ -42,6 +63,15 @@ class SidecarConfig:
     engine: str = "mitmproxy"  # lean | mitmproxy (meshlet.proxy.engine)
     reuse_port: bool = False  # `--workers` workers share the listeners (SO_REUSEPORT)
 
+    def __post_init__(self) -> None:
+        check_admin(self.admin)
+
+    @property
+    def own_ports(self) -> frozenset[int]:
+        """The sidecar's listening ports: an inbound connection sent to one of them is refused."""
+        addresses = (self.outbound, self.inbound, self.admin, self.health)
+        return frozenset(a.port for a in addresses if a is not None and a.port)
+
     def mode_specs(self) -> list[str]:
         """mitmproxy modes: `regular` takes both Host-header and absolute-form (HTTP_PROXY) requests."""
         return [
@@ -50,11 +80,14 @@ class SidecarConfig:
         ]
 
 
+_ADDRESSES = ("outbound", "inbound", "admin", "app", "health")
+
+
 def config_to_json(config: SidecarConfig) -> dict:
     """For handing the config to worker processes."""
     value = {name: getattr(config, name) for name in SidecarConfig.__dataclass_fields__}
-    for name in ("outbound", "inbound", "admin", "app"):
-        value[name] = [value[name].host, value[name].port]
+    for name in _ADDRESSES:
+        value[name] = [value[name].host, value[name].port] if value[name] is not None else None
     value["identity_dir"] = str(config.identity_dir) if config.identity_dir else None
     value["ca_dir"] = str(config.ca_dir) if config.ca_dir else None
     return value
@@ -62,8 +95,9 @@ def config_to_json(config: SidecarConfig) -> dict:
 
 def config_from_json(value: dict) -> SidecarConfig:
     fields = dict(value)
-    for name in ("outbound", "inbound", "admin", "app"):
-        fields[name] = Address(fields[name][0], int(fields[name][1]))
+    for name in _ADDRESSES:
+        fields[name] = Address(fields[name][0], int(fields[name][1])) if fields.get(name) else None
     fields["identity_dir"] = Path(fields["identity_dir"]) if fields.get("identity_dir") else None
     fields["ca_dir"] = Path(fields["ca_dir"]) if fields.get("ca_dir") else None
+    fields["workload_labels"] = tuple((k, v) for k, v in fields.get("workload_labels", ()))
     return SidecarConfig(**fields)

@@ -26,15 +26,16 @@ def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
     from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
     from meshlet.proxy.mitm.h2c import RefuseH2c
+    from meshlet.proxy.mitm.inbound import Inbound  # first: a refused destination is closed before TLS
     from meshlet.proxy.mitm.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
     from meshlet.proxy.mitm.tunnel import PassThrough
 
     mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry,
-                           config.ca_dir)
+                           config.ca_dir, dict(config.workload_labels))
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     return [
-        core.Core(), proxyserver.Proxyserver(), *mtls, RefuseH2c(), PassThrough(), next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
+        core.Core(), proxyserver.Proxyserver(), Inbound(config), *mtls, RefuseH2c(), PassThrough(),
+        next_layer.NextLayer(), tlsconfig.TlsConfig(),
         routing,
     ]
 
@@ -49,10 +50,9 @@ class MitmEngine:
         from meshlet.proxy.mitm.dispatch import LeanAddons
 
         self.config = config
-        if config.reuse_port:
-            from meshlet.proxy.mitm.reuseport import enable_reuse_port
+        from meshlet.proxy.mitm.listeners import install_listeners
 
-            enable_reuse_port()
+        install_listeners(config.reuse_port)
         self.routing = Routing(state, metrics, config.strict_hosts)
         self.options = options.Options()
         self.master = Master(self.options, with_termlog=False)

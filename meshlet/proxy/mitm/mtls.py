@@ -31,19 +31,19 @@ from pathlib import Path
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, layer, server_hooks
-from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.proxy import layer, server_hooks
 from OpenSSL import SSL, crypto
 from prometheus_client import CollectorRegistry
 
 from meshlet.mtls.contexts import TlsContexts
 from meshlet.mtls.files import IdentityError, describe
-from meshlet.mtls.inbound import PEER_IDENTITY_HEADER, inbound_mtls, mesh_backends
+from meshlet.mtls.inbound import NO_LABELS, PEER_IDENTITY_HEADER, Labels, inbound_mtls, mesh_backends
 from meshlet.mtls.reissue import Reissuer
 from meshlet.mtls.rotation import IdentityWatcher
 from meshlet.mtls.upstream import UpstreamTls, client_context
 from meshlet.mtls.verify import Result, Verdict, verify_peer
 from meshlet.policy.model import Backend, TrafficPolicy
+from meshlet.proxy.mitm.inbound import Refuse, is_inbound
 from meshlet.telemetry.mtls import MtlsMetrics, default_metrics
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,6 @@ class _Probe:
         return verdict.ok
 
 
-class _Refuse(layer.Layer):
-    """Closes the client connection without a byte: a plaintext peer on a STRICT port gets nothing."""
-
-    closed = False
-
-    def _handle_event(self, event):
-        if not self.closed:
-            self.closed = True
-            yield commands.CloseConnection(self.context.client)
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -106,8 +95,10 @@ class MeshTls:
         poll_interval: float = 1.0,
         now: Callable[[], dt.datetime] = _now,
         reissuer: Reissuer | None = None,
+        workload_labels: Labels = NO_LABELS,
     ) -> None:
         self.watcher = watcher
+        self._labels = workload_labels  # which policy's mtls section is this workload's (mtls.selector)
         self.reissuer = reissuer  # local mode (`--ca`): renew the certificate ourselves before it expires
         self._reissue_error = ""
         self._policies = policies
@@ -166,22 +157,22 @@ class MeshTls:
     # --- inbound -----------------------------------------------------------------------------
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         client = nextlayer.context.client
-        if nextlayer.layer or not self._is_inbound(client):
+        if nextlayer.layer or not is_inbound(client):
             return
         data = nextlayer.data_client()
         if not data:
             return
         is_tls = starts_like_tls_record(data)
-        mode = inbound_mtls(self._policies()).mode
+        mode = inbound_mtls(self._policies(), self._labels).mode
         if not is_tls:
             self.metrics.handshake("inbound", "plaintext")
         if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and not self.watcher):
             log.info("inbound %s refused: %s on a %s port", client.peername, "TLS" if is_tls else "plaintext", mode)
-            nextlayer.layer = _Refuse(nextlayer.context)
+            nextlayer.layer = Refuse(nextlayer.context)
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         client = data.context.client
-        if data.ssl_conn is not None or self.watcher is None or not self._is_inbound(client):
+        if data.ssl_conn is not None or self.watcher is None or not is_inbound(client):
             return
         contexts = self.watcher.current
         probe = _Probe(contexts.identity.bundle, self._now)
@@ -207,7 +198,7 @@ class MeshTls:
             return
         identity = probe.verdict.identity
         self._identities[data.conn.id] = identity
-        allow = inbound_mtls(self._policies()).allow
+        allow = inbound_mtls(self._policies(), self._labels).allow
         self.metrics.handshake("inbound", "denied" if allow and identity not in allow else "ok")
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
@@ -222,12 +213,12 @@ class MeshTls:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        if self._is_inbound(flow.client_conn):
+        if is_inbound(flow.client_conn):
             self._authorize(flow)
 
     def _authorize(self, flow: http.HTTPFlow) -> None:
         flow.request.headers.pop(PEER_IDENTITY_HEADER, None)
-        mtls = inbound_mtls(self._policies())
+        mtls = inbound_mtls(self._policies(), self._labels)
         identity = self._identities.get(flow.client_conn.id)
         if identity is None:
             if mtls.mode == "STRICT":  # a plaintext connection accepted before the policy became STRICT
@@ -237,10 +228,6 @@ class MeshTls:
             flow.response = _forbidden(f"peer identity {identity} is not allowed")
             return
         flow.request.headers[PEER_IDENTITY_HEADER] = identity
-
-    @staticmethod
-    def _is_inbound(client: connection.Client) -> bool:
-        return isinstance(client.proxy_mode, ReverseMode)  # the sidecar's one reverse listener: inbound
 
     # --- outbound: the routing addon sets scheme https for `tls: mesh` backends ------------------
     def tls_start_server(self, data: tls.TlsData) -> None:
@@ -339,7 +326,8 @@ def _forbidden(reason: str) -> http.Response:
 
 
 def mesh_tls_addons(identity_dir: Path | None, policies: Callable[[], Sequence[TrafficPolicy]],
-                    registry: CollectorRegistry, ca_dir: Path | None = None) -> list[MeshTls]:
+                    registry: CollectorRegistry, ca_dir: Path | None = None,
+                    workload_labels: Labels = NO_LABELS) -> list[MeshTls]:
     """The addon as the sidecar adds it; raises IdentityError when `identity_dir` (or `ca_dir`,
     local mode's CA for self-reissue) is unusable.
 
@@ -348,4 +336,4 @@ def mesh_tls_addons(identity_dir: Path | None, policies: Callable[[], Sequence[T
     """
     watcher = watch_identity(identity_dir) if identity_dir is not None else None
     reissuer = Reissuer(identity_dir, ca_dir) if identity_dir is not None and ca_dir is not None else None
-    return [MeshTls(watcher, policies, MtlsMetrics(registry), reissuer=reissuer)]
+    return [MeshTls(watcher, policies, MtlsMetrics(registry), reissuer=reissuer, workload_labels=workload_labels)]
