@@ -19,11 +19,13 @@ PROXY_NAME = "meshlet-proxy"
 INIT_NAME = "meshlet-init"
 IDENTITY_VOLUME = "meshlet-identity"
 TMP_VOLUME = "meshlet-tmp"
+PODINFO_VOLUME = "meshlet-podinfo"
 IDENTITY_DIR = "/etc/meshlet/identity"
+PODINFO_DIR = "/etc/meshlet/podinfo"  # the Downward API's metadata.labels, for mtls.selector
 
 # Every name injection owns: removing these undoes an earlier injection (idempotency).
 CONTAINER_NAMES: frozenset[str] = frozenset({PROXY_NAME, INIT_NAME})
-VOLUME_NAMES: frozenset[str] = frozenset({IDENTITY_VOLUME, TMP_VOLUME})
+VOLUME_NAMES: frozenset[str] = frozenset({IDENTITY_VOLUME, TMP_VOLUME, PODINFO_VOLUME})
 
 # Kubernetes resource quantities: 100m, 0.5, 64Mi, 1G, 1e3.
 _QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
@@ -62,7 +64,8 @@ class InjectConfig:
     uid: int = 1337
     outbound_port: int = 15001
     inbound_port: int = 15006
-    admin_port: int = 15000
+    admin_port: int = 15000  # loopback only: the control API
+    health_port: int = 15020  # on the Pod IP: /healthz /readyz /metrics for the kubelet and Prometheus
     # Proxy processes; `meshlet run` defaults to the CPU count, which in a Pod is the node's.
     workers: int = 1
     # `{serviceAccount}` becomes the Pod's service account: one SPIFFE identity per account.
@@ -71,7 +74,7 @@ class InjectConfig:
 
     @property
     def ports(self) -> frozenset[int]:
-        return frozenset({self.outbound_port, self.inbound_port, self.admin_port})
+        return frozenset({self.outbound_port, self.inbound_port, self.admin_port, self.health_port})
 
 
 PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
@@ -79,10 +82,10 @@ STATUS_ANNOTATION = "meshlet.dev/status"
 
 
 def pod_annotations(cfg: InjectConfig) -> dict[str, str]:
-    """Annotations-style Prometheus discovery of the sidecar's /metrics, plus the injected marker."""
+    """Annotations-style Prometheus discovery of the sidecar's /metrics (the health port), plus the injected marker."""
     return {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(cfg.admin_port),
+        "prometheus.io/port": str(cfg.health_port),
         "prometheus.io/path": "/metrics",
         STATUS_ANNOTATION: "injected",
     }
@@ -93,13 +96,19 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
 
     The kubelet starts the next init container, and so the app, only once the startup probe
     passes, so the app never sends a request before the proxy listens and has a policy.
+
+    Who reaches what: the control API is on loopback (the Pod's own processes, `kubectl
+    port-forward`); the kubelet's probes and Prometheus reach the read-only health port on the
+    Pod IP; `[::]` is IPv4 and IPv6 on one socket, `localhost` both loopbacks (ip6tables
+    redirects the app's IPv6 to ::1).
     """
     args = [
         "run", "--watch-kube",
-        "--outbound", f"127.0.0.1:{cfg.outbound_port}",
-        "--inbound", f"0.0.0.0:{cfg.inbound_port}",
-        # The kubelet's probes and Prometheus reach the admin port over the Pod IP.
-        "--admin", f"0.0.0.0:{cfg.admin_port}",
+        "--outbound", f"localhost:{cfg.outbound_port}",
+        "--inbound", f"[::]:{cfg.inbound_port}",
+        "--admin", f"127.0.0.1:{cfg.admin_port}",
+        "--health", f"[::]:{cfg.health_port}",
+        "--workload-labels", f"{PODINFO_DIR}/labels",
         "--workers", str(cfg.workers),
     ]
     if cfg.identity_secret:
@@ -108,7 +117,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         args += ["--app", f"127.0.0.1:{app_port}"]
 
     def probe(failures: int) -> dict:
-        return {"httpGet": {"path": "/readyz", "port": cfg.admin_port}, "periodSeconds": 2, "timeoutSeconds": 2,
+        return {"httpGet": {"path": "/readyz", "port": cfg.health_port}, "periodSeconds": 2, "timeoutSeconds": 2,
                 "failureThreshold": failures}
 
     return {
@@ -125,7 +134,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         ],
         "ports": [
             {"name": "mesh-inbound", "containerPort": cfg.inbound_port, "protocol": "TCP"},
-            {"name": "mesh-admin", "containerPort": cfg.admin_port, "protocol": "TCP"},
+            {"name": "mesh-health", "containerPort": cfg.health_port, "protocol": "TCP"},
         ],
         "startupProbe": probe(60),
         "readinessProbe": probe(3),
@@ -141,6 +150,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         "volumeMounts": [
             *([{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": True}] if cfg.identity_secret else []),
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True},
         ],
     }
 
@@ -181,32 +191,48 @@ def _ports(annotations: Mapping, key: str) -> tuple[int, ...]:
 def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
     """The shell script that captures the Pod's TCP: inbound → inbound port, outbound → outbound port.
 
+    Both families: iptables, and ip6tables whenever the Pod has IPv6 (any address in
+    /proc/net/if_inet6, link-local included), or IPv6 would bypass the sidecar and STRICT mTLS.
+    If the Pod has IPv6 but ip6tables cannot program it, the script fails and the Pod does not
+    start: closed, not open.
+
     Safe to run twice in the same network namespace (an init container retried after a
     failure): chains are flushed, not duplicated, and the jumps are added only if missing.
-    Excluded: the proxy's own UID (or it would loop into itself), the admin port inbound
-    (probes and scrapes reach it directly), and loopback destinations and DNS outbound.
+    Excluded: the proxy's own UID (or it would loop into itself), the health port inbound
+    (probes and scrapes reach it directly), loopback destinations and DNS outbound. Every other
+    inbound port, the sidecar's own included, goes to the inbound listener, which refuses
+    connections meant for the sidecar's ports (meshlet.proxy.inbound).
     """
-    inbound, outbound = "MESHLET_INBOUND", "MESHLET_OUTPUT"
-    rules = [
-        f"ipt -A {inbound} -p tcp --dport {cfg.admin_port} -j RETURN",
-        f"ipt -A {inbound} -p tcp --dport {cfg.inbound_port} -j RETURN",
-        *(f"ipt -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
-        f"ipt -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
-        f"ipt -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
-        f"ipt -A {outbound} -d 127.0.0.0/8 -j RETURN",
-        f"ipt -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
-        *(f"ipt -A {outbound} -p tcp --dport {port} -j RETURN" for port in bypass.outbound),
-        f"ipt -A {outbound} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}",
-    ]
     return "\n".join([
         "set -eu",
-        'ipt() { iptables -w 5 -t nat "$@"; }',
-        f"for chain in {inbound} {outbound}; do ipt -N $chain 2>/dev/null || ipt -F $chain; done",
-        *rules,
-        f"ipt -C PREROUTING -p tcp -j {inbound} 2>/dev/null || ipt -A PREROUTING -p tcp -j {inbound}",
-        f"ipt -C OUTPUT -p tcp -j {outbound} 2>/dev/null || ipt -A OUTPUT -p tcp -j {outbound}",
+        *_family_rules("ipt4", "iptables", "127.0.0.0/8", cfg, bypass),
+        "if [ -s /proc/net/if_inet6 ]; then",
+        *(f"  {line}" for line in _family_rules("ipt6", "ip6tables", "::1/128", cfg, bypass)),
+        "fi",
         "",
     ])
+
+
+def _family_rules(ipt: str, command: str, loopback: str, cfg: InjectConfig, bypass: Bypass) -> list[str]:
+    inbound, outbound = "MESHLET_INBOUND", "MESHLET_OUTPUT"
+    rules = [
+        f"{ipt} -A {inbound} -p tcp --dport {cfg.health_port} -j RETURN",
+        f"{ipt} -A {inbound} -p tcp --dport {cfg.inbound_port} -j RETURN",
+        *(f"{ipt} -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
+        f"{ipt} -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
+        f"{ipt} -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
+        f"{ipt} -A {outbound} -d {loopback} -j RETURN",
+        f"{ipt} -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
+        *(f"{ipt} -A {outbound} -p tcp --dport {port} -j RETURN" for port in bypass.outbound),
+        f"{ipt} -A {outbound} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}",
+    ]
+    return [
+        f'{ipt}() {{ {command} -w 5 -t nat "$@"; }}',
+        f"for chain in {inbound} {outbound}; do {ipt} -N $chain 2>/dev/null || {ipt} -F $chain; done",
+        *rules,
+        f"{ipt} -C PREROUTING -p tcp -j {inbound} 2>/dev/null || {ipt} -A PREROUTING -p tcp -j {inbound}",
+        f"{ipt} -C OUTPUT -p tcp -j {outbound} 2>/dev/null || {ipt} -A OUTPUT -p tcp -j {outbound}",
+    ]
 
 
 def init_container(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> dict:
@@ -229,13 +255,15 @@ def init_container(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> dict:
 
 
 def volumes(cfg: InjectConfig, service_account: str) -> list[dict]:
-    """The workload certificate and a scratch dir.
+    """The workload certificate, a scratch dir and the Pod's labels.
 
     The Secret is required: a missing one holds the Pod in ContainerCreating with an event
     naming it, which says more than a sidecar failing to read an empty directory.
     """
     tmp = {"name": TMP_VOLUME, "emptyDir": {}}
+    podinfo = {"name": PODINFO_VOLUME,
+               "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
     if not cfg.identity_secret:
-        return [tmp]
+        return [tmp, podinfo]
     secret = cfg.identity_secret.replace("{serviceAccount}", service_account)
-    return [{"name": IDENTITY_VOLUME, "secret": {"secretName": secret}}, tmp]
+    return [{"name": IDENTITY_VOLUME, "secret": {"secretName": secret}}, tmp, podinfo]

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from meshlet.policy.model import Address
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError
 from meshlet.proxy.mitm.routing import Routing
@@ -71,8 +72,8 @@ class MitmEngine:
         if not listening or failed:
             raise StartupError("; ".join(failed) or "listeners failed to start")
         await self.master.running()
-        addrs = [a for s in self.proxyserver.servers for a in s.listen_addrs]
-        return f"{addrs[0][0]}:{addrs[0][1]}", f"{addrs[1][0]}:{addrs[1][1]}"
+        outbound, inbound = (server.listen_addrs[0] for server in self.proxyserver.servers)  # mode_specs' order
+        return str(Address(*outbound[:2])), str(Address(*inbound[:2]))
 
     def ready(self) -> bool:
         return all(s.is_running for s in self.proxyserver.servers)

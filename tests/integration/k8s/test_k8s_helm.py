@@ -75,7 +75,7 @@ def proxy_values_to_config(proxy: dict) -> InjectConfig:
         resources=Resources(r["requests"]["cpu"], r["requests"]["memory"],
                             r.get("limits", {}).get("cpu"), r.get("limits", {}).get("memory")),
         uid=proxy["uid"], workers=proxy["workers"], outbound_port=proxy["ports"]["outbound"], inbound_port=proxy["ports"]["inbound"],
-        admin_port=proxy["ports"]["admin"], identity_secret=proxy["identitySecret"],
+        admin_port=proxy["ports"]["admin"], health_port=proxy["ports"]["health"], identity_secret=proxy["identitySecret"],
     )
 
 
@@ -188,7 +188,7 @@ def test_mesh_ca_secret_is_a_ca():
 def test_pod_monitor_toggle_and_scrape_config():
     assert not [d for d in render() if d["kind"] == "PodMonitor"]
     monitors = [d for d in render("monitoring.podMonitor.enabled=true") if d["kind"] == "PodMonitor"]
-    assert [m["spec"]["podMetricsEndpoints"][0]["port"] for m in monitors] == ["mesh-admin", "metrics"]
+    assert [m["spec"]["podMetricsEndpoints"][0]["port"] for m in monitors] == ["mesh-health", "metrics"]
     config = find(render(), "ConfigMap")
     jobs = yaml.safe_load(config["data"]["scrape-configs.yaml"])
     assert jobs == yaml.safe_load((CHART / "files" / "scrape-configs.yaml").read_text())
