@@ -206,7 +206,7 @@ def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
     return "\n".join([
         "set -eu",
         *_family_rules("ipt4", "iptables", "127.0.0.0/8", cfg, bypass),
-        "if [ -s /proc/net/if_inet6 ]; then",
+        "if grep -q . /proc/net/if_inet6 2>/dev/null; then",  # proc files stat as empty: read, not -s
         *(f"  {line}" for line in _family_rules("ipt6", "ip6tables", "::1/128", cfg, bypass)),
         "fi",
         "",

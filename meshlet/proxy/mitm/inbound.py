@@ -69,6 +69,10 @@ class Inbound:
     def _target(self, client: connection.Client) -> tuple[str, int] | Refused:
         target = self.targets.get(client.id)
         if target is None:
-            local = client.sockname or (self.config.inbound.host, self.config.inbound.port)
-            target = self.targets[client.id] = inbound_target(self.config, original_destination(client), local)
+            try:
+                local = client.sockname or (self.config.inbound.host, self.config.inbound.port)
+                target = inbound_target(self.config, original_destination(client), local)
+            except Exception as e:  # fail closed: an error here must not fall back to mitmproxy's reverse target
+                target = Refused(f"cannot tell where it was going: {type(e).__name__}: {e}")
+            self.targets[client.id] = target
         return target

@@ -22,6 +22,7 @@ from meshlet.k8s.sidecar import InjectConfig
 
 CFG = InjectConfig()
 POD_IP, PEER_IP = "192.0.2.1", "192.0.2.2"
+POD_IP6, PEER_IP6 = "2001:db8::1", "2001:db8::2"  # with pod_network(ipv6=True): a dual-stack Pod
 
 NEEDS = [
     pytest.mark.root,
@@ -31,8 +32,8 @@ NEEDS = [
 ]
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=check)
+def sh(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=check, input=stdin)
 
 
 def as_uid(uid: int) -> list[str]:
@@ -63,7 +64,7 @@ class PodNet:
 
 
 @contextlib.contextmanager
-def pod_network() -> Iterator[PodNet]:
+def pod_network(ipv6: bool = False) -> Iterator[PodNet]:
     tag = uuid.uuid4().hex[:6]
     net = PodNet(f"mk8s-pod-{tag}", f"mk8s-peer-{tag}")
     try:
@@ -71,8 +72,10 @@ def pod_network() -> Iterator[PodNet]:
         sh("ip", "netns", "add", net.peer)
         sh("ip", "link", "add", f"mkp{tag}", "netns", net.pod, "type", "veth", "peer", "name", f"mkq{tag}",
            "netns", net.peer)
-        for ns, dev, addr in ((net.pod, f"mkp{tag}", POD_IP), (net.peer, f"mkq{tag}", PEER_IP)):
+        for ns, dev, addr, addr6 in ((net.pod, f"mkp{tag}", POD_IP, POD_IP6), (net.peer, f"mkq{tag}", PEER_IP, PEER_IP6)):
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            if ipv6:  # nodad: usable at once, no duplicate address detection delay
+                sh("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         yield net

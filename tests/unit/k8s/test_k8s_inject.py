@@ -126,10 +126,10 @@ def test_redirect_script_excludes_proxy_uid_and_health_port_but_not_the_control_
 
 def test_redirect_script_programs_ip6tables_when_the_pod_has_ipv6():
     lines = sidecar.redirect_script(CFG).splitlines()
-    v6 = lines[lines.index("if [ -s /proc/net/if_inet6 ]; then") + 1:lines.index("fi")]
+    v6 = lines[lines.index("if grep -q . /proc/net/if_inet6 2>/dev/null; then") + 1:lines.index("fi")]
     assert v6[0] == '  ipt6() { ip6tables -w 5 -t nat "$@"; }'
     assert "  ipt6 -A MESHLET_OUTPUT -d ::1/128 -j RETURN" in v6
-    v4 = lines[lines.index('ipt4() { iptables -w 5 -t nat "$@"; }') + 1:lines.index("if [ -s /proc/net/if_inet6 ]; then")]
+    v4 = lines[lines.index('ipt4() { iptables -w 5 -t nat "$@"; }') + 1:lines.index("if grep -q . /proc/net/if_inet6 2>/dev/null; then")]
     assert [line.strip().replace("ipt6", "ipt4").replace("::1/128", "127.0.0.0/8") for line in v6[1:]] == v4
     assert lines[0] == "set -eu"  # an ip6tables failure stops the init container: the Pod does not start
 

@@ -83,3 +83,15 @@ def test_inbound_refusals_by_mtls_are_counted_as_403():
     assert f.metadata[KEY].backend == "none" and routing.in_flight == 0
     labels = {"direction": "inbound", "route": "inbound", "backend": "none", "code": "403"}
     assert routing.metrics.registry.get_sample_value("meshlet_requests_total", labels) == 1.0
+
+
+def test_the_addon_fails_closed_when_the_destination_cannot_be_read(monkeypatch):
+    import meshlet.proxy.mitm.inbound as addon
+
+    def broken(client):
+        raise AttributeError("module 'socket' has no attribute 'SOL_IPV6'")
+
+    monkeypatch.setattr(addon, "original_destination", broken)
+    f = inbound_flow()
+    Inbound(POD).requestheaders(f)
+    assert f.error is not None and f.request.host == "127.0.0.1"  # killed, not sent to the reverse target
