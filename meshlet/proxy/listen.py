@@ -78,7 +78,9 @@ def claim_port(address: Address) -> Address:
 
 
 def _bind(family: int, host: str, port: int, reuse_port: bool, dual_stack: bool = False) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # accepted sockets inherit it; without it Nagle meets delayed ACKs (~40 ms per request).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:

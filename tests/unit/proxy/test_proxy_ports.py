@@ -65,6 +65,28 @@ class TestListeners:
         finally:
             close_all([dual, *both])
 
+    def test_accepted_connections_get_tcp_nodelay(self):
+        """asyncio sets TCP_NODELAY only when the socket's proto is TCP: else ~40 ms per request."""
+
+        async def accepted_nodelay() -> int:
+            seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                sock = writer.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                writer.close()
+
+            (sock,) = bind_listeners(Address("127.0.0.1", 0))
+            server = await asyncio.start_server(on_connect, sock=sock)
+            async with server:
+                _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+                try:
+                    return await asyncio.wait_for(seen, 5)
+                finally:
+                    writer.close()
+
+        assert asyncio.run(accepted_nodelay()) == 1
+
     @pytest.mark.parametrize(("host", "loopback"), [
         ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("[::1]", True), ("localhost", True),
         ("0.0.0.0", False), ("::", False), ("192.0.2.1", False), ("example.com", False),
