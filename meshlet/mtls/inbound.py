@@ -27,7 +27,7 @@ def selects(mtls: Mtls, workload_labels: Labels) -> bool:
     return bool(mtls.selector) and all(workload_labels.get(key) == value for key, value in mtls.selector)
 
 
-def inbound_mtls(policies: Sequence[TrafficPolicy], workload_labels: Labels) -> Mtls:
+def inbound_mtls(policies: Sequence[TrafficPolicy], workload_labels: Labels = NO_LABELS) -> Mtls:
     """This workload's inbound settings: the mtls section whose selector picks its labels, else
     the namespace default (a section without selector), else PERMISSIVE."""
     default = None
