@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.cert",
     "meshlet.commands.agent",
     "meshlet.commands.stats",
+    "meshlet.commands.tap",
     "meshlet.commands.inject",
     "meshlet.commands.webhook",
 )

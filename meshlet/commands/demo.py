@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -81,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     logging.getLogger("meshlet.proxy").info("starting demo")
     try:
-        return asyncio.run(_demo())
+        import uvloop
+
+        return uvloop.run(_demo())  # the default (lean) engine's loop
     except StartupError as e:
         raise CommandError(f"{e} (is another sidecar or `make run` already running?)") from None
     finally:

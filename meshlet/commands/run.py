@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from meshlet.commands import CommandError
 from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.model import Address
-from meshlet.proxy.engine import ENGINES
+from meshlet.proxy.engine import DEFAULT_ENGINE, ENGINES
 from meshlet.telemetry.proxy import METRICS_COMPAT
 
 if TYPE_CHECKING:
@@ -61,13 +61,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "metadata.labels file): picks the policy whose mtls.selector matches them")
     parser.add_argument("--app", type=_listen, default="127.0.0.1:8080", metavar="HOST:PORT",
                         help="where inbound requests go (the local application)")
-    parser.add_argument("--engine", choices=ENGINES, default="mitmproxy",
+    parser.add_argument("--engine", choices=ENGINES,
                         help="lean (default: uvloop + httptools, meshlet's own HTTP/1.1 data plane) or mitmproxy "
                              "(the programmable engine: mitmproxy addons, flow files)")
+    parser.add_argument("--addon", action="append", default=[], metavar="FILE",
+                        help="a mitmproxy addon script (mitmproxy's addon API, as `mitmproxy -s FILE` loads it) "
+                             "run on every flow; repeatable; selects --engine mitmproxy")
     parser.add_argument("--strict-hosts", action="store_true",
                         help="answer 404 for hosts no policy governs instead of passing them through")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, how long to let requests in flight finish (default 10)")
+    parser.add_argument("--header-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="lean engine: a client must send a request head within this, else 408 (default 10)")
+    parser.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                        help="lean engine: idle keep-alive client connections are closed after this (default 60)")
     parser.add_argument("--metrics-compat", choices=METRICS_COMPAT, default="none",
                         help="also export Istio's standard metrics (istio_requests_total, ...)")
     parser.add_argument("--workload", default="unknown", help="this workload's name, for Istio-style labels")
@@ -91,6 +98,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run, optimize=lambda args: args.workers == 1)  # >1: workers re-exec themselves
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
+
+
 def _lease_seconds(text: str) -> int:
     try:
         value = int(text)
@@ -110,6 +127,28 @@ def _workload_labels(path: Path | None) -> tuple[tuple[str, str], ...]:
         return read_labels(path)
     except (OSError, ValueError) as e:
         raise CommandError(f"--workload-labels {e}") from None
+
+
+def _engine(args: argparse.Namespace) -> str:
+    """Addon scripts run on mitmproxy's engine: --addon selects it, and contradicts --engine lean."""
+    if not args.addon:
+        return args.engine or DEFAULT_ENGINE
+    if args.engine == "lean":
+        raise CommandError("--addon runs mitmproxy addon scripts: it needs --engine mitmproxy, not lean")
+    return "mitmproxy"
+
+
+def _addons(paths: list[str]) -> tuple[str, ...]:
+    """Absolute paths (workers may not share our idea of the working directory), each once."""
+    found: list[str] = []
+    for path in paths:
+        full = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(full):
+            raise CommandError(f"--addon {path}: no such file")
+        if full in found:
+            raise CommandError(f"--addon {path}: given twice")
+        found.append(full)
+    return tuple(found)
 
 
 def _cluster(args: argparse.Namespace) -> Cluster | None:
@@ -140,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     from meshlet.proxy.supervisor import supervise
     from meshlet.rollout.service import RolloutOptions
 
+    engine, addons = _engine(args), _addons(args.addon)
     cluster = _cluster(args)
     labels = _workload_labels(args.workload_labels)
     try:
@@ -172,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
             outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app, health=args.health,
             strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
             metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
-            engine=args.engine, workload_labels=labels,
+            engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+            workload_labels=labels,
         )
     except ValueError as e:
         raise CommandError(str(e)) from None

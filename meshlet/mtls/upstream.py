@@ -10,16 +10,15 @@ one. The results are the same labels `meshlet_mtls_handshakes_total` uses for th
 from __future__ import annotations
 
 import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from meshlet.mtls.files import Identity
+from meshlet.mtls.stdlib import client_context
 from meshlet.mtls.verify import Result, judge_identity
+
+__all__ = ["MeshHandshakeError", "UpstreamTls", "check_leaf", "classify", "client_context"]
 
 # X509_V_ERR_* codes OpenSSL reports for dates (the rest of a failed verification is the CA's).
 _CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED = 9, 10
@@ -47,26 +46,6 @@ class MeshHandshakeError(Exception):
         self.result = result
 
 
-def client_context(identity: Identity) -> ssl.SSLContext:
-    """A TLS >= 1.2 client context presenting `identity` and trusting only its bundle. Peers are
-    named by SPIFFE ID, not DNS: hostname checks are off, `check_leaf` does the naming."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=_pem(*identity.bundle))
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    # load_cert_chain reads files only: a private 0600 file for the moment it takes.
-    with tempfile.TemporaryDirectory(prefix="meshlet-tls-") as directory:
-        chain = Path(directory) / "identity.pem"
-        chain.touch(mode=0o600)
-        key = identity.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        chain.write_bytes(key + _pem(identity.cert).encode())
-        context.load_cert_chain(chain)
-    return context
-
-
 def classify(error: ssl.SSLError) -> MeshHandshakeError:
     """A failed handshake as the metric label and a line for the 503 body."""
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -81,7 +60,3 @@ def check_leaf(der: bytes | None, expect: str | None) -> MeshHandshakeError | No
         return MeshHandshakeError("no_cert", "the backend sent no certificate")
     verdict = judge_identity(x509.load_der_x509_certificate(der), (expect,) if expect else ())
     return None if verdict.ok else MeshHandshakeError(verdict.result, verdict.detail)
-
-
-def _pem(*certs: x509.Certificate) -> str:
-    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)

@@ -1,4 +1,5 @@
-"""The admin API on 127.0.0.1:15000: read and replace the policy, health, readiness, metrics.
+"""The admin API on 127.0.0.1:15000: read and replace the policy, health, readiness, metrics,
+and `GET /tap`, the live requests as JSON lines (meshlet.proxy.tap).
 
 It changes what the sidecar does, so it listens on loopback only (SidecarConfig checks);
 `read_only` is the same API cut down to /healthz, /readyz and /metrics for the `--health`
@@ -20,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshlet.policy import PolicyInvalid
-from meshlet.proxy.httpserver import Handler, Reply, Request
+from meshlet.proxy.httpserver import Handler, Reply, Request, Stream
 from meshlet.proxy.state import Applied, PolicyState, reweigh
 from meshlet.rollout.api import BadCall, parse_call
 from meshlet.rollout.machine import RolloutError, RolloutNotFound
@@ -72,7 +73,8 @@ class AdminApi:
     def __init__(
         self, state: PolicyState, metrics: ProxyMetrics, ready: Callable[[], bool],
         distribute: Distribute | None = None, render_metrics: Callable[[], bytes] | None = None,
-        certs: Callable[[], dict] | None = None, rollouts: Rollouts | None = None, internal: bool = False,
+        certs: Callable[[], dict] | None = None, rollouts: Rollouts | None = None,
+        tap: Callable[[], AsyncGenerator[bytes, None]] | None = None, internal: bool = False,
     ):
         self.internal = internal
         self.state = state
@@ -82,10 +84,11 @@ class AdminApi:
         self.certs = certs  # the mTLS addon's view of the workload certificate (GET /certs)
         self.render_metrics = render_metrics or (lambda: generate_latest(metrics.registry))
         self.rollouts = rollouts
+        self.tap = tap  # a new stream of tap lines per `GET /tap`
         self.lock = asyncio.Lock()  # one apply (PUT, rollout step, command) at a time
         metrics.generation.set(state.generation)
 
-    async def __call__(self, request: Request) -> Reply:
+    async def __call__(self, request: Request) -> Reply | Stream:
         path, method = request.path, request.method
         if path == "/policy" and method == "GET":
             return _json(200, {"generation": self.state.generation, "policy": self.state.current.source})
@@ -101,9 +104,11 @@ class AdminApi:
             return await self.rollout_request(request)
         if path == "/metrics" and method == "GET":
             return Reply(200, self.render_metrics(), CONTENT_TYPE_LATEST)
-        if path in ("/policy", "/healthz", "/readyz", "/metrics"):
+        if path == "/tap" and method == "GET" and self.tap is not None:
+            return Stream(self.tap())
+        if path in ("/policy", "/healthz", "/readyz", "/metrics", "/tap"):
             return Reply(405, f"method {method} not allowed on {path}\n".encode())
-        return Reply(404, b"not found: try /policy /healthz /readyz /metrics\n")
+        return Reply(404, b"not found: try /policy /healthz /readyz /metrics /tap\n")
 
     async def put_policy(self, request: Request) -> Reply:
         # Only the supervisor, on a worker's private socket, sets these; from anyone else they are ignored.

@@ -60,8 +60,11 @@ class SidecarConfig:
     workload: str = "unknown"
     identity_dir: Path | None = None
     ca_dir: Path | None = None  # local mode: reissue the identity from this CA before it expires
-    engine: str = "mitmproxy"  # lean | mitmproxy (meshlet.proxy.engine)
+    header_timeout: float = 10.0  # lean engine: a request head must arrive within this (408)
+    idle_timeout: float = 60.0  # lean engine: idle keep-alive client connections are closed after this
+    engine: str = "lean"  # lean | mitmproxy (meshlet.proxy.engine)
     reuse_port: bool = False  # `--workers` workers share the listeners (SO_REUSEPORT)
+    addons: tuple[str, ...] = ()  # mitmproxy addon scripts (`--addon`, absolute paths): mitmproxy engine only
 
     def __post_init__(self) -> None:
         check_admin(self.admin)
@@ -90,6 +93,7 @@ def config_to_json(config: SidecarConfig) -> dict:
         value[name] = [value[name].host, value[name].port] if value[name] is not None else None
     value["identity_dir"] = str(config.identity_dir) if config.identity_dir else None
     value["ca_dir"] = str(config.ca_dir) if config.ca_dir else None
+    value["addons"] = list(config.addons)
     return value
 
 
@@ -100,4 +104,5 @@ def config_from_json(value: dict) -> SidecarConfig:
     fields["identity_dir"] = Path(fields["identity_dir"]) if fields.get("identity_dir") else None
     fields["ca_dir"] = Path(fields["ca_dir"]) if fields.get("ca_dir") else None
     fields["workload_labels"] = tuple((k, v) for k, v in fields.get("workload_labels", ()))
+    fields["addons"] = tuple(fields.get("addons", ()))
     return SidecarConfig(**fields)

@@ -16,6 +16,7 @@ from meshlet.proxy.tap import TapHub
 from meshlet.telemetry.proxy import ProxyMetrics
 
 ENGINES: tuple[str, ...] = ("lean", "mitmproxy")
+DEFAULT_ENGINE = "lean"  # `meshlet run` without --engine (and without --addon, which needs mitmproxy)
 
 
 class StartupError(Exception):

@@ -2,7 +2,9 @@
 
 Both need a few routes, keep-alive (load tests send thousands of requests over a handful of
 connections) and Content-Length bodies; neither needs chunked uploads or pipelining tricks,
-so this stays a page of stdlib code instead of a framework dependency.
+so this stays a page of stdlib code instead of a framework dependency. One reply streams:
+`GET /tap` answers a `Stream`, sent chunked for as long as the client stays (`read_chunks` is
+the other end, for the supervisor reading its workers).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshlet.policy.model import Address
@@ -47,15 +49,63 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def encode(self, keep_alive: bool) -> bytes:
-        lines = [f"HTTP/1.1 {self.status} {REASONS.get(self.status, 'Status')}",
-                 f"Content-Type: {self.content_type}", f"Content-Length: {len(self.body)}"]
-        lines += [f"{name}: {value}" for name, value in self.headers.items()]
-        if not keep_alive:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+        framing = [f"Content-Length: {len(self.body)}"] + ([] if keep_alive else ["Connection: close"])
+        return _head(self.status, self.content_type, self.headers, framing) + self.body
 
 
-Handler = Callable[[Request], Awaitable[Reply]]
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A 200 whose body is sent chunk by chunk as `chunks` yields, until it ends or the client
+    goes away (closes, or sends anything); either way `chunks` is closed, so a subscription it
+    holds ends with the connection. The connection is not kept alive after a stream."""
+
+    chunks: AsyncGenerator[bytes, None]
+    content_type: str = "application/x-ndjson"
+
+    async def send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_head(200, self.content_type, {}, ["Transfer-Encoding: chunked", "Connection: close"]))
+        sending = asyncio.ensure_future(self._pump(writer))
+        hangup = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait((sending, hangup), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sending.cancel()
+            hangup.cancel()
+            await asyncio.gather(sending, hangup, return_exceptions=True)
+            await self.chunks.aclose()
+        if not sending.cancelled() and isinstance(sending.exception(), Exception):
+            error = sending.exception()
+            if not isinstance(error, ConnectionError):
+                log.error("stream failed: %s: %s", type(error).__name__, error)
+
+    async def _pump(self, writer: asyncio.StreamWriter) -> None:
+        async for chunk in self.chunks:
+            if chunk:
+                writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+def _head(status: int, content_type: str, headers: Mapping[str, str], framing: list[str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Type: {content_type}", *framing]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def read_chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The chunks of a chunked body, as a `Stream` sent them (after the response head); ends at
+    the last chunk. ValueError on a malformed size; IncompleteReadError if the peer hangs up."""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return
+        chunk = await reader.readexactly(size + 2)
+        yield chunk[:-2]
+
+
+Handler = Callable[[Request], Awaitable[Reply | Stream]]
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Request | Reply | None:
@@ -101,6 +151,9 @@ async def _serve_connection(handler: Handler, reader: asyncio.StreamReader, writ
             except Exception as e:  # a handler bug must not kill the server, only this request
                 log.exception("%s %s failed", request.method, request.target)
                 reply = Reply(500, f"internal error: {type(e).__name__}: {e}\n".encode())
+            if isinstance(reply, Stream):
+                await reply.send(reader, writer)
+                return
             keep_alive = request.headers.get("connection", "").lower() != "close"
             writer.write(reply.encode(keep_alive))
             await writer.drain()
@@ -150,6 +203,14 @@ async def start(handler: Handler, host: str, port: int) -> Listening:
 async def start_unix(handler: Handler, path: str) -> asyncio.Server:
     """Listen on a Unix socket: reachable only through the file system, never the network."""
     return await asyncio.start_unix_server(_on_connect(handler), path, limit=MAX_HEAD)
+
+
+async def connect(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection to `address`: a Unix socket path (a worker's private API) or `host:port`."""
+    if address.startswith("/"):
+        return await asyncio.open_unix_connection(address)
+    host, _, port = address.rpartition(":")
+    return await asyncio.open_connection(host.strip("[]"), int(port))
 
 
 def bound_port(server: Listening) -> int:

@@ -19,7 +19,7 @@ from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.endpoints import start_endpoints
 from meshlet.proxy.engine import StartupError, make_engine
 from meshlet.proxy.state import Applied, PolicyState
-from meshlet.proxy.tap import TapHub
+from meshlet.proxy.tap import TapHub, hub_lines
 from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
 from meshlet.telemetry.proxy import ProxyMetrics
 
@@ -56,7 +56,7 @@ async def serve(
     engine = make_engine(config, state, metrics, tap)
     outbound, inbound = await engine.start()
     admin_api = AdminApi(state, metrics, engine.ready, certs=engine.certs, rollouts=rollouts,
-                         internal=config.control is not None)
+                         tap=lambda: hub_lines(tap), internal=config.control is not None)
     try:
         endpoints = await start_endpoints(admin_api, config)
     except StartupError:
@@ -79,6 +79,7 @@ async def serve(
     finally:
         if ticker is not None:
             ticker.cancel()
+        tap.close()  # `meshlet tap` clients see their stream end
         endpoints.close()
         await engine.close()
     return 0

@@ -33,12 +33,14 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from meshlet.mtls.files import identity_certs
 from meshlet.policy.model import Address
+from meshlet.proxy import httpserver
 from meshlet.proxy.admin import GENERATION_HEADER, WEIGHTS_HEADER, AdminApi, DistributionError
 from meshlet.proxy.config import SidecarConfig, config_to_json
 from meshlet.proxy.endpoints import start_endpoints
 from meshlet.proxy.engine import StartupError
 from meshlet.proxy.listen import claim_port
 from meshlet.proxy.state import Applied, PolicyState
+from meshlet.proxy.tapmerge import WorkerTaps
 from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
 from meshlet.telemetry.proxy import ProxyMetrics, enable_multiprocess, multiprocess_render
 
@@ -102,7 +104,7 @@ async def _put(control: str, applied: Applied) -> None:
     head = (f"PUT /policy HTTP/1.1\r\nHost: worker\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
             f"{GENERATION_HEADER}: {applied.table.generation}\r\n"
             f"{WEIGHTS_HEADER}: {json.dumps(applied.weights)}\r\n\r\n")
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(control), PUT_TIMEOUT)
+    reader, writer = await asyncio.wait_for(httpserver.connect(control), PUT_TIMEOUT)
     try:
         writer.write(head.encode("latin-1") + body)
         answer = await asyncio.wait_for(reader.read(), PUT_TIMEOUT)
@@ -202,10 +204,11 @@ async def supervise(
             applied = resume_rollouts(rollouts, applied)
         supervisor = Supervisor(config, applied, count, private_dir)
         await supervisor.start()
+        taps = WorkerTaps(lambda: [w.control for w in supervisor.workers])
         try:
             render = multiprocess_render(metrics_dir)
             api = AdminApi(supervisor.state, metrics, supervisor.ready, supervisor.distribute, render,
-                           certs=identity_certs(config.identity_dir), rollouts=rollouts)
+                           certs=identity_certs(config.identity_dir), rollouts=rollouts, tap=taps.lines)
             endpoints = await start_endpoints(api, config)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -225,6 +228,7 @@ async def supervise(
                 ticker.cancel()
         finally:
             await supervisor.stop(config.drain_timeout + 5.0)
+            taps.close()  # after the workers drained: their last requests are in the streams
         return 0
     finally:
         shutil.rmtree(private_dir, ignore_errors=True)

@@ -35,8 +35,9 @@ class ProxyMetrics:
         self.registry = registry
         self.workload = workload
         self.requests = Counter(
-            "meshlet_requests", "Requests proxied, by direction, route, backend and status code.",
-            ("direction", "route", "backend", "code"), registry=registry,
+            "meshlet_requests", "Requests proxied, by direction, route, backend, status code and gRPC status "
+            "(empty for calls that are not gRPC).",
+            ("direction", "route", "backend", "code", "grpc_status"), registry=registry,
         )
         self.duration = Histogram(
             "meshlet_request_duration_seconds", "Time from request headers to the end of the response.",
@@ -51,13 +52,14 @@ class ProxyMetrics:
         )
         # Label children by (direction, route, backend, code): `labels()` validates and locks on
         # every call (~1.5 µs each); the set is bounded by the policy's routes and backends.
-        self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[str, str, str, int, int], tuple[Counter, Histogram]] = {}
         self.istio_requests: Counter | None = None
         self.istio_duration: Histogram | None = None
         if compat == "istio":
             labels = (
                 "reporter", "source_workload", "destination_service", "destination_service_name",
                 "destination_version", "destination_workload", "request_protocol", "response_code",
+                "grpc_response_status",
             )
             self.istio_requests = Counter(
                 "istio_requests", "Istio-compatible request count.", labels, registry=registry,
@@ -68,14 +70,16 @@ class ProxyMetrics:
             )
 
     def observe(
-        self, direction: str, route: str, backend: str, code: int, seconds: float, service: str = "unknown"
+        self, direction: str, route: str, backend: str, code: int, seconds: float, service: str = "unknown",
+        grpc_status: int = -1,
     ) -> None:
-        """One finished request; `code` 0 means no response reached the client."""
-        key = (direction, route, backend, code)
+        """One finished request; `code` 0 means no response reached the client, `grpc_status` -1 that
+        the request was not a gRPC call (or ended without a status)."""
+        key = (direction, route, backend, code, grpc_status)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
-                self.requests.labels(direction, route, backend, str(code)),
+                self.requests.labels(direction, route, backend, str(code), "" if grpc_status < 0 else str(grpc_status)),
                 self.duration.labels(direction, route, backend),
             )
         count, duration = children
@@ -83,7 +87,9 @@ class ProxyMetrics:
         duration.observe(seconds)
         if self.istio_requests is not None and self.istio_duration is not None:
             reporter = "source" if direction == "outbound" else "destination"
-            labels = (reporter, self.workload, service, service.split(".")[0], backend, backend, "http", str(code))
+            grpc = grpc_status >= 0
+            labels = (reporter, self.workload, service, service.split(".")[0], backend, backend,
+                      "grpc" if grpc else "http", str(code), str(grpc_status) if grpc else "")
             self.istio_requests.labels(*labels).inc()
             self.istio_duration.labels(*labels).observe(seconds * 1000.0)
 

@@ -2,7 +2,10 @@
 
 `build_addons` is the one place that decides what runs per request. `DumpMaster` with its
 default addons does ~700 req/s here against ~1 200 for the bare set below, so nothing else
-goes in unless the sidecar needs it (mTLS plugs in here too).
+goes in unless the sidecar needs it (mTLS plugs in here too) or the user asks for it: addon
+scripts (`--addon`, meshlet.proxy.mitm.scripts) run after mTLS has authenticated the request
+and before routing, so they see the verified identity header, may answer a request themselves,
+and their changes to a response are what metrics and tap record.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
+from collections.abc import Sequence
 from typing import Any
 
 from meshlet.policy.model import Address
@@ -21,9 +26,10 @@ from meshlet.proxy.tap import TapHub
 from meshlet.telemetry.proxy import ProxyMetrics
 
 log = logging.getLogger("meshlet.proxy")
+LARGE_BODY = "8m"  # with addon scripts: bodies above this stream past them (mitmproxy's stream_large_bodies)
 
 
-def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
+def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[types.ModuleType] = ()) -> list[object]:
     from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
     from meshlet.proxy.mitm.h2c import RefuseH2c
@@ -34,9 +40,11 @@ def build_addons(config: SidecarConfig, routing: Routing) -> list[object]:
     mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry,
                            config.ca_dir, dict(config.workload_labels))
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
+    routing.peer_identity = mtls[0].peer_identity
     return [
         core.Core(), proxyserver.Proxyserver(), Inbound(config), *mtls, RefuseH2c(), PassThrough(),
         next_layer.NextLayer(), tlsconfig.TlsConfig(),
+        *scripts,
         routing,
     ]
 
@@ -49,20 +57,29 @@ class MitmEngine:
         from mitmproxy.master import Master
 
         from meshlet.proxy.mitm.dispatch import LeanAddons
+        from meshlet.proxy.mitm.scripts import configure, load_scripts, script_errors
 
         self.config = config
         from meshlet.proxy.mitm.listeners import install_listeners
 
         install_listeners(config.reuse_port)
-        self.routing = Routing(state, metrics, config.strict_hosts)
+        self.routing = Routing(state, metrics, config.strict_hosts, tap, stream=not config.addons)
         self.options = options.Options()
         self.master = Master(self.options, with_termlog=False)
         self.master.addons = LeanAddons(self.master)  # hooks dispatched through an index (mitm.dispatch)
-        self.master.addons.add(*build_addons(config, self.routing))
-        try:
-            self.options.update(mode=config.mode_specs(), keep_host_header=True, connection_strategy="lazy")
-        except exceptions.OptionsError as e:
-            raise StartupError(str(e)) from None
+        with script_errors(config.addons):
+            scripts = load_scripts(config.addons)
+        addons = build_addons(config, self.routing, scripts)  # an unusable --identity raises its own error
+        with script_errors(config.addons):
+            self.master.addons.add(*addons)
+            settings = {"mode": config.mode_specs(), "keep_host_header": True, "connection_strategy": "lazy"}
+            if scripts:
+                settings["stream_large_bodies"] = LARGE_BODY
+            try:
+                self.options.update(**settings)
+            except exceptions.OptionsError as e:
+                raise StartupError(str(e)) from None
+            configure(self.master, scripts)
         self.proxyserver: Any = self.master.addons.get("proxyserver")
         self.mtls: Any = self.master.addons.get("meshtls")
 

@@ -9,22 +9,13 @@ headers removed (the client falls back, as RFC 9113 allows).
 from __future__ import annotations
 
 import logging
-import struct
 
 from mitmproxy import http
 from mitmproxy.proxy import commands, events, layer
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-HTTP_1_1_REQUIRED = 0xD
-REASON = b"meshlet: cleartext HTTP/2 (h2c) is not supported; use HTTP/1.1 or HTTP/2 over TLS"
+from meshlet.proxy.h2c import GOODBYE, PREFACE
+
 log = logging.getLogger("meshlet.proxy")
-
-
-def _frame(kind: int, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, 0]) + struct.pack(">I", 0) + payload
-
-
-GOODBYE = _frame(0x4, b"") + _frame(0x7, struct.pack(">II", 0, HTTP_1_1_REQUIRED) + REASON)
 
 
 class _Refuse(layer.Layer):

@@ -206,6 +206,10 @@ class MeshTls:
         if probe is not None:
             self._failed("inbound", probe, data.conn)
 
+    def peer_identity(self, client: connection.Client) -> str:
+        """The SPIFFE ID verified on this inbound connection ("" for none): what `meshlet tap` shows."""
+        return self._identities.get(client.id, "")
+
     def client_disconnected(self, client: connection.Client) -> None:
         self._identities.pop(client.id, None)
         self._probes.pop(client.id, None)

@@ -7,6 +7,10 @@ accepts connections (503 or a connect-failure retry instead of mitmproxy's gener
 Routes with a deadline or 5xx/reset retries go through `UpstreamPool`, which can stop at the
 deadline (504) and send the request again. Either way the table is read once per request, so
 a request finishes on the table it started with.
+
+With users' addon scripts (`--addon`) nothing is streamed by this addon: their `request` and
+`response` hooks see and may change whole messages, as under mitmproxy itself (bodies over
+mitmproxy's `stream_large_bodies` still stream).
 """
 
 from __future__ import annotations
@@ -19,22 +23,23 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from meshlet.mtls.upstream import UpstreamTls
-from meshlet.policy.model import IDEMPOTENT_METHODS, Backend, Route
+from meshlet.policy.model import Backend
 from meshlet.proxy.inbound import APP_BACKEND, INBOUND_ROUTE, REFUSED_BACKEND
 from meshlet.proxy.mitm import responses
 from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
 from meshlet.proxy.state import PolicyState
+from meshlet.proxy.tap import TapHub, TapRecord
 from meshlet.routing import Decision, RequestView, Unmatched, decide, parse_cookies
+from meshlet.routing.attempts import attempts_for, candidates, status_conditions
 from meshlet.telemetry.proxy import ProxyMetrics
 
 KEY = "meshlet"
 PROBE_TIMEOUT = 1.0
-GATEWAY_ERRORS = frozenset({502, 503, 504})
 log = logging.getLogger("meshlet.proxy")
 
 
@@ -82,20 +87,6 @@ def needs_pool(decision: Decision) -> bool:
     return route.timeout is not None or bool(replays)
 
 
-def candidates(decision: Decision) -> list[Backend]:
-    """The chosen backend first, then the route's other backends by weight: where retries go."""
-    others = sorted(decision.route.to, key=lambda target: -target.weight)
-    chosen = decision.backend
-    return [chosen] + [decision.policy.backend(t.backend) for t in others if t.backend != chosen.name]
-
-
-def attempts_for(route: Route, method: str, condition: str) -> int:
-    retries = route.retries
-    if retries is None or method not in IDEMPOTENT_METHODS or condition not in retries.on:
-        return 1
-    return 1 + retries.attempts
-
-
 async def probe(backend: Backend, timeout: float) -> str | None:
     """None when the backend accepts a connection, else why not."""
     try:
@@ -106,16 +97,36 @@ async def probe(backend: Backend, timeout: float) -> str | None:
     return None
 
 
-class Routing:
-    """One instance per process; shares the `PolicyState` with the admin API."""
+def tap_record(flow: http.HTTPFlow, exchange: Exchange, code: int, elapsed: float, peer_identity: str) -> TapRecord:
+    """What `meshlet tap` shows of a finished flow: the authority the client asked for (the
+    upstream address was rewritten; the Host header was kept)."""
+    request = flow.request
+    return TapRecord(
+        time.time() - elapsed, exchange.direction, request.method, request.host_header or request.pretty_host,
+        request.path, exchange.route, exchange.backend, code, elapsed, peer_identity,
+        request.headers.get("x-request-id", ""),
+    )
 
-    def __init__(self, state: PolicyState, metrics: ProxyMetrics, strict_hosts: bool = False):
+
+class Routing:
+    """One instance per process; shares the `PolicyState` with the admin API. `stream` is False
+    when users' addons must see whole messages; `tap` gets a record per finished request while
+    someone listens."""
+
+    def __init__(
+        self, state: PolicyState, metrics: ProxyMetrics, strict_hosts: bool = False, tap: TapHub | None = None,
+        stream: bool = True,
+    ):
         self.state = state
         self.metrics = metrics
         self.strict_hosts = strict_hosts
+        self.tap = tap or TapHub()
+        self.stream = stream
         self.pool = UpstreamPool()
-        # Set by the mTLS addon: how the pool reaches a `tls: mesh` backend (None: no --identity).
+        # Set by the mTLS addon: how the pool reaches a `tls: mesh` backend (None: no --identity),
+        # and the SPIFFE ID it verified on an inbound client connection ("" when none).
         self.upstream_tls: Callable[[Backend], UpstreamTls | None] = lambda backend: None
+        self.peer_identity: Callable[[connection.Client], str] = lambda client: ""
         self.open_upstreams: Counter[tuple[str, int]] = Counter()
         self.in_flight = 0
 
@@ -127,7 +138,7 @@ class Routing:
             # Counted also when the mTLS addon answered already (403): refusals show in the metrics.
             backend = REFUSED_BACKEND if flow.response else APP_BACKEND
             flow.metadata[KEY] = Exchange("inbound", INBOUND_ROUTE, backend, "app", time.perf_counter())
-            flow.request.stream = flow.response is None
+            flow.request.stream = self.stream and flow.response is None
             return
         if flow.response:
             return
@@ -140,7 +151,8 @@ class Routing:
             if self.strict_hosts:
                 flow.response = responses.no_policy(flow.request.host_header or flow.request.pretty_host)
             else:
-                flow.request.stream = True
+                if self.stream:
+                    flow.request.stream = True
             return
         service = decision.policy.host
         if isinstance(decision, Unmatched):
@@ -166,7 +178,8 @@ class Routing:
             exchange.backend = backend.name
             flow.request.data.host, flow.request.data.port = address
             flow.request.scheme = "https" if backend.tls == "mesh" else "http"
-            flow.request.stream = True
+            if self.stream:
+                flow.request.stream = True
             return
         flow.response = responses.unavailable(exchange.backend, why)
 
@@ -198,13 +211,12 @@ class Routing:
                     continue
                 make = responses.unavailable if e.condition == "connect-failure" else responses.bad_gateway
                 return make(backend.name, str(e))
-            code = response.status_code
-            conditions = ("5xx", "gateway-error") if code in GATEWAY_ERRORS else ("5xx",) if code >= 500 else ()
+            conditions = status_conditions(response.status_code)
             if not any(attempt < attempts_for(route, request.method, c) for c in conditions):
                 return response
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
+        if flow.response is not None and self.stream:
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -221,6 +233,9 @@ class Routing:
         self.in_flight -= 1
         elapsed = time.perf_counter() - exchange.started
         self.metrics.observe(exchange.direction, exchange.route, exchange.backend, code, elapsed, exchange.service)
+        if self.tap.active:
+            peer = self.peer_identity(flow.client_conn) if exchange.direction == "inbound" else ""
+            self.tap.publish(tap_record(flow, exchange, code, elapsed, peer))
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address:

@@ -19,14 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "sidecar"))
 
-from sidecar_support import MESHLET, Client, admin, load, run_sidecar
+from sidecar_support import MESHLET, Client, Tap, admin, load, run_sidecar
 
 from meshlet.mtls.ca import Authority, issue_workload, new_authority
 from meshlet.mtls.files import write_identity
 from meshlet.proxy import httpserver
 from meshlet.proxy.httpserver import Reply, Request
 
-__all__ = ["MESHLET", "Client", "admin", "load", "run_sidecar"]
+__all__ = ["MESHLET", "Client", "Tap", "admin", "load", "run_sidecar"]
 
 FRONTEND = "spiffe://cluster.local/ns/default/sa/frontend"
 REVIEWS = "spiffe://cluster.local/ns/default/sa/reviews"

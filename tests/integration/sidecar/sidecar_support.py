@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from meshlet.proxy.demo_backend import start_backend
 MESHLET = str(Path(sys.executable).with_name("meshlet"))
 READY = re.compile(r"ready outbound=(\S+) inbound=(\S+) admin=(\S+)")
 START_TIMEOUT = 30.0
+ENGINE = "lean"  # set per test module by the `engine` fixture (tests/integration/conftest.py)
 
 
 def free_port() -> int:
@@ -123,6 +124,8 @@ def run_sidecar(
         "--outbound", f"127.0.0.1:{free_port()}", "--inbound", f"127.0.0.1:{free_port()}",
         "--admin", f"127.0.0.1:{free_port()}", "--app", f"127.0.0.1:{app_port or free_port()}", "--workers", str(workers), *extra,
     ]
+    if not any(arg in ("--engine", "--addon") for arg in extra):
+        args += ["--engine", ENGINE]
     with open(log, "wb") as err:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
     try:
@@ -230,3 +233,48 @@ def policy(host: str, backends: Mapping[str, int], routes: str, name: str | None
         f"metadata: {{name: {name or host}, namespace: default}}\n"
         f"spec:\n  host: {host}\n  backends:\n" + "\n".join(lines) + "\n  routes:\n" + routes
     )
+
+
+class Tap:
+    """`meshlet tap` as a user runs it; its stdout lines collected by a thread. Call `stop`."""
+
+    def __init__(self, sidecar: Sidecar, *extra: str) -> None:
+        self.process = subprocess.Popen(
+            [MESHLET, "tap", "--sidecar", sidecar.admin_url, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def line_for(self, request_id: str) -> str | None:
+        return next((line for line in self.lines if line.endswith(f" id={request_id}")), None)
+
+    def wait_for(self, request_ids: list[str], seconds: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while (missing := [r for r in request_ids if self.line_for(r) is None]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not missing, f"not tapped: {missing}\n" + "\n".join(self.lines)
+        return [line for r in request_ids if (line := self.line_for(r)) is not None]
+
+    def attach(self, send: Callable[[str], object], tries: int = 200) -> None:
+        """Send probes (`send(request_id)`) until one shows: a tap prints nothing before it is attached."""
+        for n in range(tries):
+            send(f"probe-{n}")
+            time.sleep(0.02)
+            if self.lines:
+                return
+        raise AssertionError(f"the tap showed none of {tries} probes")
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        """Ctrl-C (or `sig`); its exit status and stderr."""
+        self.process.send_signal(sig)
+        code = self.process.wait(10)
+        self.reader.join(5)
+        assert self.process.stderr is not None
+        return code, self.process.stderr.read()

@@ -81,7 +81,7 @@ def shared_policy(port: dict[str, int]) -> str:
 
 
 @pytest.fixture(scope="module")
-def sidecar(backends):
+def sidecar(backends, engine):
     with run_sidecar(shared_policy(backends.port), app_port=backends.port["v1"], workers=2) as s:
         yield s
 
@@ -169,6 +169,7 @@ def test_inbound_forwards_to_app(sidecar):
     assert get(sidecar.inbound, host="whatever") == Answer(200, "v1\n", "v1")
 
 
+@pytest.mark.engines("mitmproxy")  # the lean engine serves h2c (tests/integration/sidecar/test_grpc.py)
 def test_cleartext_h2_prior_knowledge_gets_goaway_with_reason(sidecar):
     with socket.create_connection(sidecar.outbound, timeout=10) as conn:
         conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")

@@ -66,7 +66,7 @@ def https_server(tmp_path_factory) -> Iterator[tuple[int, Path, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def sidecar():
+def sidecar(engine):
     with run_sidecar(policy("reviews", {"v1": 9}, ROUTES)) as s:
         yield s
 

@@ -10,7 +10,7 @@ from sidecar_support import free_port
 
 from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.engines("mitmproxy")]  # the mitmproxy engine's own client
 
 
 def request(method: str = "GET", path: str = "/") -> http.Request:

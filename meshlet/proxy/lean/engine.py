@@ -1,0 +1,271 @@
+"""The lean engine: listeners, the connections they accept, and their lifecycle.
+
+Outbound (the app's calls, on loopback) is uvloop's own server: every connection is HTTP/1 or
+relayed by its first bytes. Inbound is accepted here and peeked at (MSG_PEEK) before a transport
+exists, because the first byte decides the transport: TLS (0x16) gets the mesh server context
+and a handshake, plaintext gets none, and the policy's mTLS mode refuses either before any byte
+is answered. A once-a-second sweep enforces the header-read and idle timeouts without a timer
+per request. SIGTERM drains: listeners close, idle keep-alive connections close, responses in
+flight carry `Connection: close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from meshlet.mtls.inbound import inbound_mtls
+from meshlet.policy.model import Address, Backend
+from meshlet.proxy.config import SidecarConfig
+from meshlet.proxy.engine import StartupError
+from meshlet.proxy.lean.downstream import Downstream
+from meshlet.proxy.lean.upstream import UpstreamPool
+from meshlet.proxy.state import PolicyState
+from meshlet.proxy.tap import TapHub
+from meshlet.telemetry.mtls import MtlsMetrics
+from meshlet.telemetry.proxy import ProxyMetrics
+
+if TYPE_CHECKING:  # mTLS parts load only with --identity: cryptography is ~15 MiB of a worker's RSS
+    from meshlet.mtls.upstream import UpstreamTls
+    from meshlet.proxy.lean.tls import LeanIdentity
+
+log = logging.getLogger("meshlet.proxy")
+SWEEP_SECONDS = 1.0
+TLS_RECORD = 0x16
+BACKLOG = 1024
+
+
+def listen_socket(address: Address, reuse_port: bool) -> socket.socket:
+    """A bound, listening, non-blocking socket. SO_REUSEADDR: a restarted sidecar binds at once
+    although its old connections linger in TIME_WAIT; SO_REUSEPORT: `--workers` share the port."""
+    host = address.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, address.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {address}: {e.strerror or e}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return host == "localhost"
+
+
+class LeanEngine:
+    """meshlet's own HTTP/1.1 data plane (meshlet.proxy.engine.Engine)."""
+
+    def __init__(self, config: SidecarConfig, state: PolicyState, metrics: ProxyMetrics, tap: TapHub) -> None:
+        self.config = config
+        self.state = state
+        self.metrics = metrics
+        self.tap = tap
+        self.mtls_metrics = MtlsMetrics(metrics.registry)
+        self.identity: LeanIdentity | None = None
+        if config.identity_dir is not None:
+            from meshlet.proxy.lean.tls import LeanIdentity
+
+            self.identity = LeanIdentity(config.identity_dir, self.mtls_metrics, config.ca_dir)
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.pool: UpstreamPool = None  # type: ignore[assignment]
+        self.connections: set[Downstream] = set()
+        self.relays: set[asyncio.Transport] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.sniffing: dict[socket.socket, asyncio.TimerHandle] = {}
+        self.draining = False
+        self.listening = False
+        self.own_ports: frozenset[int] = frozenset()
+        self._outbound: asyncio.Server | None = None
+        self._inbound: socket.socket | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    # --- Engine ------------------------------------------------------------------------------
+    async def start(self) -> tuple[str, str]:
+        self.loop = asyncio.get_running_loop()
+        self.pool = UpstreamPool()
+        config = self.config
+        outbound = listen_socket(config.outbound, config.reuse_port)
+        try:
+            inbound = listen_socket(config.inbound, config.reuse_port)
+        except StartupError:
+            outbound.close()
+            raise
+        self._outbound = await self.loop.create_server(lambda: Downstream(self, "outbound"), sock=outbound)
+        self._inbound = inbound
+        self.loop.add_reader(inbound.fileno(), self._accept_inbound)
+        self.own_ports = frozenset((outbound.getsockname()[1], inbound.getsockname()[1], config.admin.port))
+        self._sweeper = self.loop.create_task(self._sweep())
+        if self.identity is not None:
+            self.identity.start()
+        self.listening = True
+        return _describe(outbound), _describe(inbound)
+
+    def ready(self) -> bool:
+        return self.listening
+
+    def certs(self) -> dict:
+        return self.identity.certs() if self.identity is not None else {"identity": None}
+
+    async def drain(self, timeout: float) -> None:
+        self._stop_listening()
+        self.draining = True
+        for downstream in list(self.connections):
+            downstream.drain()
+        busy = sum(1 for d in self.connections if d.active is not None)
+        log.info("draining %d request(s) in flight (up to %gs)", busy, timeout)
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        busy = sum(1 for d in self.connections if d.active is not None)
+        if busy:
+            log.warning("drain timeout: %d request(s) still in flight", busy)
+
+    async def close(self) -> None:
+        self._stop_listening()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.identity is not None:
+            self.identity.stop()
+        for downstream in list(self.connections):
+            downstream.transport.abort()
+        for transport in list(self.relays):
+            transport.abort()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.pool is not None:
+            self.pool.close()
+        await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
+
+    # --- what exchanges ask -------------------------------------------------------------------
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task:
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def upstream_tls(self, backend: Backend, h2: bool = False) -> UpstreamTls | None:
+        return self.identity.upstream(backend, h2) if self.identity is not None else None
+
+    def inbound_target(self, original_destination: tuple[str, int] | None) -> tuple[str, int]:
+        """Where an inbound connection's requests go: the app port it was sent to (a Pod's app
+        may listen on several; `--app` names the default)."""
+        app = self.config.app
+        return (app.host, original_destination[1] if original_destination else app.port)
+
+    def inbound_allow(self) -> tuple[str, ...]:
+        return inbound_mtls(self.state.table.policies).allow
+
+    def is_own_address(self, destination: tuple[str, int]) -> bool:
+        """A passthrough back into this sidecar would loop."""
+        return destination[1] in self.own_ports and _is_loopback(destination[0])
+
+    # --- inbound: accept, peek, then the transport the first byte asks for ----------------------
+    def _accept_inbound(self) -> None:
+        assert self._inbound is not None
+        for _ in range(BACKLOG):
+            try:
+                sock, _ = self._inbound.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: logged, the listener stays
+                log.warning("inbound accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._sniff, sock)
+            self.sniffing[sock] = self.loop.call_later(self.config.header_timeout, self._sniff_timed_out, sock)
+
+    def _sniff(self, sock: socket.socket) -> None:
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            first = b""
+        self._unsniff(sock)
+        if not first:
+            sock.close()
+            return
+        is_tls = first[0] == TLS_RECORD
+        mode = inbound_mtls(self.state.table.policies).mode
+        if not is_tls:
+            self.mtls_metrics.handshake("inbound", "plaintext")
+        if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and not self.identity):
+            log.info("inbound connection refused: %s on a %s port", "TLS" if is_tls else "plaintext", mode)
+            _close_quietly(sock)
+            return
+        factory = lambda: Downstream(self, "inbound")  # noqa: E731
+        if is_tls:
+            assert self.identity is not None
+            self.spawn(self.identity.accept(sock, factory, self.config.header_timeout))
+        else:
+            self.spawn(self._plain(sock, factory))
+
+    async def _plain(self, sock: socket.socket, factory) -> None:
+        try:
+            await self.loop.connect_accepted_socket(factory, sock)
+        except OSError:
+            sock.close()
+
+    def _sniff_timed_out(self, sock: socket.socket) -> None:
+        self._unsniff(sock)
+        sock.close()
+
+    def _unsniff(self, sock: socket.socket) -> None:
+        timer = self.sniffing.pop(sock, None)
+        if timer is not None:
+            timer.cancel()
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(sock.fileno())
+
+    # --- housekeeping --------------------------------------------------------------------------
+    def _stop_listening(self) -> None:
+        self.listening = False
+        if self._outbound is not None:
+            self._outbound.close()
+            self._outbound = None
+        if self._inbound is not None:
+            self.loop.remove_reader(self._inbound.fileno())
+            self._inbound.close()
+            self._inbound = None
+        for sock in list(self.sniffing):
+            self._unsniff(sock)
+            sock.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            now = self.loop.time()
+            for downstream in list(self.connections):
+                downstream.sweep(now)
+            self.pool.sweep(now)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    """Close without a byte of answer and without a reset: what the peer sent is read first (closing
+    with unread data makes the kernel send RST, which clients report as an error of their own)."""
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def _describe(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

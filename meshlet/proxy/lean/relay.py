@@ -1,0 +1,108 @@
+"""Byte relays: what the lean engine does with traffic it does not read as HTTP.
+
+A WebSocket after its 101, a CONNECT tunnel, and a redirected connection whose first bytes are
+not HTTP (TLS the app originates, a database protocol) become two `Pipe`s, one per direction,
+each writing what its transport reads into the other. Back-pressure crosses over: when one
+side's write buffer fills, the other side stops reading. Half-closes are passed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("meshlet.proxy")
+
+
+class Pipe(asyncio.Protocol):
+    """The receiving side of one direction: what arrives on our transport is written to `peer`."""
+
+    __slots__ = ("peer", "relays", "transport")
+
+    def __init__(self, peer: asyncio.Transport, relays: set[asyncio.Transport]) -> None:
+        self.peer = peer
+        self.relays = relays  # the engine's open relay transports, closed at the end of a drain
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.relays.add(self.transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer.can_write_eof():
+            self.peer.write_eof()
+            return True  # keep our write side open: the other direction may still be talking
+        self.peer.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relays.discard(self.transport)  # type: ignore[arg-type]
+        self.peer.close()
+
+    # Our transport's write buffer is what the peer's reads fill: throttle the peer.
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+
+def splice(
+    client: asyncio.Transport, upstream: asyncio.Transport, relays: set[asyncio.Transport],
+    to_upstream: bytes = b"", to_client: bytes = b"",
+) -> None:
+    """Turn two open transports into a relay, first writing what each side had already sent."""
+    client_pipe, upstream_pipe = Pipe(upstream, relays), Pipe(client, relays)
+    client.set_protocol(client_pipe)
+    upstream.set_protocol(upstream_pipe)
+    client_pipe.connection_made(client)
+    upstream_pipe.connection_made(upstream)
+    if to_upstream:
+        upstream.write(to_upstream)
+    if to_client:
+        client.write(to_client)
+    client.resume_reading()
+    upstream.resume_reading()
+
+
+class Held(asyncio.Protocol):
+    """Holds what an upstream sends between connecting and `splice` (server-first protocols speak first)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+
+async def relay_to(
+    client: asyncio.Transport, destination: tuple[str, int], pending: Callable[[], bytes],
+    relays: set[asyncio.Transport], answer: bytes = b"",
+) -> bool:
+    """Connect to `destination` and relay `client` there: `pending()` gives what the client sent
+    so far (read once connected), `answer` goes to the client first (a CONNECT's 200).
+    False when the destination refused; the caller answers the client."""
+    loop = asyncio.get_running_loop()
+    client.pause_reading()
+    try:
+        upstream, held = await loop.create_connection(Held, *destination)
+    except OSError as e:
+        log.info("relay to %s:%d failed: %s", *destination, e.strerror or e)
+        return False
+    if client.is_closing():
+        upstream.close()
+        return True
+    upstream.pause_reading()
+    splice(client, upstream, relays, pending(), answer + bytes(held.data))  # type: ignore[arg-type]
+    if held.eof:
+        client.write_eof() if client.can_write_eof() else client.close()
+    return True

@@ -1,0 +1,217 @@
+"""What every request on the lean engine shares, whatever its framing (HTTP/1.1 or an HTTP/2
+stream): routing by the running table, inbound authorization, which backend each attempt goes
+to, the retry rules, and the one record of its outcome (metrics and tap).
+
+The framings (meshlet.proxy.lean.exchange, meshlet.proxy.lean.stream) subclass `Request`; they
+call `answer` for what the sidecar says itself and `finish` once, when the client has its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from random import getrandbits
+from typing import TYPE_CHECKING, Any
+
+from meshlet.mtls.inbound import inbound_mtls
+from meshlet.policy.model import Backend, Route
+from meshlet.proxy.lean.http1 import Header
+from meshlet.proxy.lean.upstream import PoolKey
+from meshlet.proxy.lean.views import CookieView, HeaderView
+from meshlet.proxy.tap import TapRecord
+from meshlet.routing import Decision, RequestView, Unmatched, decide
+from meshlet.routing.attempts import attempts_for, candidates
+from meshlet.routing.hosts import host_key
+
+if TYPE_CHECKING:
+    from meshlet.proxy.lean.engine import LeanEngine
+
+
+MAX_REPLAY = 64 * 1024  # request body kept for a retry; a larger body is sent once
+
+
+def new_request_id() -> bytes:
+    """A random (version 4) UUID, as Envoy generates for x-request-id."""
+    b = getrandbits(128)
+    return b"%08x-%04x-4%03x-%04x-%012x" % (
+        b >> 96, (b >> 80) & 0xFFFF, (b >> 64) & 0xFFF, ((b >> 48) & 0x3FFF) | 0x8000, b & 0xFFFFFFFFFFFF,
+    )
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """(authority, origin-form path) of a request target; authority is empty in origin form."""
+    if target[:1] == b"/" or target == b"*":
+        return b"", target
+    scheme_end = target.find(b"://")
+    if scheme_end > 0:  # absolute form, as HTTP_PROXY clients send it
+        rest = target[scheme_end + 3:]
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+        path = rest[cut:]
+        return rest[:cut], path if path[:1] == b"/" else b"/" + path
+    return target, b""  # authority form (CONNECT)
+
+
+def parse_authority(authority: str, default_port: int = 80) -> tuple[str, int] | None:
+    host = host_key(authority)
+    colon = authority.rfind(":")
+    if colon > authority.rfind("]"):
+        port_text = authority[colon + 1:]
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return None
+        return host, int(port_text)
+    return (host, default_port) if host else None
+
+
+class Request:
+    """Routing and accounting of one request. `downstream` is its client connection (either framing),
+    `fields` its header fields with lower-case names for HTTP/2 and as sent for HTTP/1.1."""
+
+    __slots__ = (
+        "attempt", "authority", "backend", "backends", "decision", "destination", "direction", "downstream",
+        "fields", "finished", "grpc_status", "history", "method", "path", "peer_identity", "request_id", "route",
+        "route_name", "service", "started", "status", "timer",
+    )
+
+    def __init__(self, downstream: Any, method: bytes, fields: list[Header]) -> None:
+        self.downstream = downstream
+        self.direction: str = downstream.direction
+        self.method = method
+        self.fields = fields
+        self.started = time.perf_counter()
+        self.route_name = self.backend = self.service = "none"
+        self.route: Route | None = None
+        self.decision: Decision | None = None
+        self.backends: list[Backend] = []
+        self.destination: tuple[str, int] | None = None  # passthrough and inbound: where it goes
+        self.attempt = 1
+        self.authority = self.path = b""
+        self.request_id = b""
+        self.peer_identity: str = downstream.identity or ""
+        self.finished = False
+        self.history: list[bytes] | None = []  # the request body, kept for a retry up to MAX_REPLAY
+        self.timer: asyncio.TimerHandle | None = None
+        self.status = 0
+        self.grpc_status = -1  # a gRPC call's status, once known
+
+    @property
+    def engine(self) -> LeanEngine:
+        return self.downstream.engine
+
+    def answer(self, status: int, message: str, close: bool = False) -> None:
+        raise NotImplementedError
+
+    def _route(self) -> bool:
+        """Outbound: the policy's decision. False when answered here."""
+        downstream = self.downstream
+        engine = downstream.engine
+        view = RequestView(
+            self.method.decode("latin-1"), self.authority.decode("utf-8", "surrogateescape"),
+            self.path.decode("utf-8", "surrogateescape"), HeaderView(self.fields), CookieView(self.fields),
+            downstream.peer_ip, getrandbits(64),
+        )
+        decision = decide(engine.state.table, view)
+        if decision is None:
+            self.route_name = self.backend = "passthrough"
+            self.service = "unknown"
+            return self._passthrough(view.authority)
+        self.service = decision.policy.host
+        if isinstance(decision, Unmatched):
+            self.route_name = "unmatched"
+            self.answer(404, f"meshlet: no route for host {view.authority!r} in the current policy")
+            return False
+        self.decision = decision
+        self.route = decision.route
+        self.route_name = decision.route.name
+        self.backend = decision.backend.name
+        self.backends = candidates(decision) if decision.route.retries is not None else [decision.backend]
+        return True
+
+    def _passthrough(self, authority: str) -> bool:
+        """A host no policy governs goes where it was sent: the redirected connection's original
+        destination, else the authority (HTTP_PROXY and Host-header clients)."""
+        engine = self.downstream.engine
+        if engine.config.strict_hosts:
+            self.answer(404, f"meshlet: no policy governs host {authority!r} (--strict-hosts)")
+            return False
+        destination = self.downstream.original_destination or parse_authority(authority)
+        if destination is None:
+            self.answer(400, f"meshlet: cannot tell where to send a request for {authority!r}")
+            return False
+        if engine.is_own_address(destination):
+            self.answer(400, f"meshlet: refusing a request addressed to the sidecar itself ({authority})")
+            return False
+        self.destination = destination
+        return True
+
+    def _authorize(self) -> bool:
+        """Inbound: the caller's mesh identity against the policy's mTLS mode and allow list. The
+        framing passes a verified identity on in PEER_IDENTITY_HEADER (`peer_identity`)."""
+        downstream = self.downstream
+        mtls = inbound_mtls(downstream.engine.state.table.policies)
+        identity = downstream.identity
+        self.route_name, self.backend, self.service = "inbound", "app", "app"
+        if identity is None:
+            if mtls.mode == "STRICT":  # a plaintext connection accepted before the policy became STRICT
+                self.answer(403, "meshlet: mTLS required")
+                return False
+            return True
+        if mtls.allow and identity not in mtls.allow:
+            self.answer(403, f"meshlet: peer identity {identity} is not allowed")
+            return False
+        return True
+
+    def _pool_key(self, h2: bool = False) -> tuple[PoolKey, object]:
+        """This attempt's backend (named in `backend`) as a pool key, and its mesh TLS if any. A key
+        whose TLS part is `()` names a mesh backend this sidecar cannot reach (no identity)."""
+        engine = self.downstream.engine
+        if self.destination is not None:
+            return (self.destination[0], self.destination[1], None), None
+        backend = self.backends[(self.attempt - 1) % len(self.backends)]
+        self.backend = backend.name
+        address = backend.address
+        if backend.tls != "mesh":
+            return (address.host, address.port, None), None
+        tls = engine.upstream_tls(backend, h2)
+        return (address.host, address.port, tls.pool_key if tls is not None else ()), tls
+
+    def _may_retry(self, conditions: tuple[str, ...]) -> bool:
+        route = self.route
+        if route is None or route.retries is None or self.history is None:
+            return False
+        method = self.method.decode("latin-1")
+        return any(self.attempt < attempts_for(route, method, c) for c in conditions)
+
+    def keep(self, data: bytes) -> None:
+        """Remember a piece of the request body for a retry, while the whole fits MAX_REPLAY."""
+        history = self.history
+        if history is not None:
+            history.append(data)
+            if sum(map(len, history)) > MAX_REPLAY:
+                self.history = None
+
+    def start_timer(self, on_timeout) -> None:
+        route = self.route
+        if route is not None and route.timeout is not None:
+            self.timer = self.engine.loop.call_later(route.timeout, on_timeout)
+
+    def finish(self, code: int, notify: bool = True) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        downstream = self.downstream
+        engine = downstream.engine
+        seconds = time.perf_counter() - self.started
+        engine.metrics.observe(self.direction, self.route_name, self.backend, code, seconds, self.service,
+                               self.grpc_status)
+        if engine.tap.active:
+            engine.tap.publish(TapRecord(
+                time.time() - seconds, self.direction, self.method.decode("latin-1"),
+                self.authority.decode("latin-1"), self.path.decode("latin-1"), self.route_name, self.backend,
+                code, seconds, self.peer_identity, self.request_id.decode("latin-1"),
+            ))
+        if notify:
+            downstream.exchange_done(self)
+
+

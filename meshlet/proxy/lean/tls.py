@@ -1,0 +1,124 @@
+"""Mesh identity for the lean engine: standard-library contexts that follow the identity dir.
+
+The contexts are rebuilt when the identity changes (rotation, local reissue) and swapped by one
+assignment: handshakes starting afterwards present the new certificate, connections already
+established keep theirs. Inbound, the handshake is the server context's (a client certificate
+chaining to the mesh bundle is required); the SPIFFE ID is judged after it, so metrics and the
+403 decision share meshlet.mtls.verify's answer with the mitmproxy engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+
+from meshlet.mtls.files import IdentityError, describe
+from meshlet.mtls.reissue import Reissuer
+from meshlet.mtls.rotation import IdentityWatcher
+from meshlet.mtls.stdlib import client_context, server_context
+from meshlet.mtls.upstream import UpstreamTls, classify
+from meshlet.mtls.verify import Verdict, judge_identity
+from meshlet.policy.model import Backend
+from meshlet.telemetry.mtls import MtlsMetrics
+
+log = logging.getLogger("meshlet.proxy")
+POLL_SECONDS = 1.0
+
+
+class LeanIdentity:
+    """This workload's certificate as standard-library contexts; `None` of it without `--identity`."""
+
+    def __init__(self, directory: Path, metrics: MtlsMetrics, ca_dir: Path | None = None) -> None:
+        self.watcher = IdentityWatcher(directory)  # IdentityError at start-up: the caller refuses to run
+        self.metrics = metrics
+        self.reissuer = Reissuer(directory, ca_dir) if ca_dir is not None else None
+        self._reissue_error = ""
+        self._build()
+        self._poller: asyncio.Task | None = None
+
+    def _build(self) -> None:
+        identity = self.watcher.current.identity
+        self.server = server_context(identity, ("h2", "http/1.1"))  # HTTP/2 between sidecars when both speak it
+        self.client = client_context(identity)
+        self.client_h2 = client_context(identity, ("h2",))
+        self.serial = identity.serial
+        self.metrics.cert_expiry.set(identity.not_after.timestamp())
+
+    def start(self) -> None:
+        self._poller = asyncio.get_running_loop().create_task(self._follow())
+
+    def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            if self.reissuer is not None and self.reissuer.due(self.watcher.current.identity.cert, _now()):
+                await self._reissue(self.reissuer)
+            if self.watcher.poll():
+                self._build()
+
+    async def _reissue(self, reissuer: Reissuer) -> None:
+        try:  # key generation and the dir's lock: off the event loop
+            await asyncio.to_thread(reissuer.reissue_if_due, _now())
+        except (IdentityError, ValueError, OSError) as e:  # keep serving the current certificate; retried next poll
+            if str(e) != self._reissue_error:
+                log.warning("cannot reissue the workload certificate (retrying): %s", e)
+            self._reissue_error = str(e)
+        else:
+            self._reissue_error = ""
+
+    def certs(self) -> dict:
+        return {**describe(self.watcher.current.identity), "dir": str(self.watcher.directory)}
+
+    def upstream(self, backend: Backend, h2: bool = False) -> UpstreamTls:
+        """How to reach a `tls: mesh` backend with the current certificate (ALPN `h2` for HTTP/2)."""
+        if h2:
+            return UpstreamTls(self.client_h2, self.serial + "/h2", backend.identity or None, self._outbound)
+        return UpstreamTls(self.client, self.serial, backend.identity or None, self._outbound)
+
+    def _outbound(self, result: str) -> None:
+        self.metrics.handshake("outbound", result)
+
+    async def accept(
+        self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol], timeout: float,
+    ) -> None:
+        """The TLS handshake of an accepted inbound socket. A failure is counted by reason and
+        logged; on success the protocol judges the peer in `connection_made` (application data
+        can arrive in the same turn of the loop as the end of the handshake)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                protocol_factory, sock, ssl=self.server, ssl_handshake_timeout=timeout,
+            )
+        except ssl.SSLError as e:
+            refused = classify(e)
+            self.metrics.handshake("inbound", refused.result)
+            log.info("inbound mTLS handshake refused: %s", refused)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            self.metrics.handshake("inbound", "no_cert")
+            log.info("inbound mTLS handshake failed: %s", e or type(e).__name__)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def peer_verdict(transport: asyncio.BaseTransport) -> Verdict:
+    """The verified peer's SPIFFE ID (OpenSSL already checked chain and dates)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if der is None:
+        return Verdict("no_cert", detail="the peer sent no certificate")
+    return judge_identity(x509.load_der_x509_certificate(der))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
