@@ -34,9 +34,8 @@ from meshlet.k8s import sidecar
 from meshlet.mtls.ca import issue_workload, new_authority
 from meshlet.mtls.files import write_identity
 
-pytestmark = [*NEEDS, pytest.mark.timeout(180)]
-# The engines this test runs against; the lean engine joins once it serves: ["lean", "mitmproxy"].
-ENGINES = ["mitmproxy"]
+# Per engine (tests/integration/conftest.py); the lean engine joins once it applies meshlet.proxy.inbound.
+pytestmark = [*NEEDS, pytest.mark.timeout(180), pytest.mark.engines("mitmproxy")]
 HERE = Path(__file__).parent
 TRUST = "spiffe://cluster.local/ns/shop/sa"
 APP_PORT, SECRET_PORT, API_PORT = 8080, 9999, 6443
@@ -196,8 +195,8 @@ def sidecar_args(work: Path, engine: str) -> list[str]:
     return [*args, "--engine", engine]
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def pod(request):
+@pytest.fixture(scope="module")
+def pod(engine: str):
     with tempfile.TemporaryDirectory(prefix="sec-attack-") as tmp, pod_network(ipv6=True) as net:
         work = Path(tmp)
         os.chmod(work, 0o755)
@@ -223,7 +222,7 @@ def pod(request):
         with open(logs["sidecar"], "wb") as err:
             process = subprocess.Popen(
                 ["ip", "netns", "exec", net.pod, *as_uid(CFG.uid), sys.executable, "-m", "meshlet.cli",
-                 *sidecar_args(work, request.param)],
+                 *sidecar_args(work, engine)],
                 stdout=subprocess.DEVNULL, stderr=err,
                 env={**os.environ, "HOME": str(home), "KUBECONFIG": str(kubeconfig), "MESHLET_WORKER_DEBUG": "1"},
             )
