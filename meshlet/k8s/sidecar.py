@@ -198,10 +198,10 @@ def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
 
     Safe to run twice in the same network namespace (an init container retried after a
     failure): chains are flushed, not duplicated, and the jumps are added only if missing.
-    Excluded: the proxy's own UID (or it would loop into itself), the health port inbound
-    (probes and scrapes reach it directly), loopback destinations and DNS outbound. Every other
-    inbound port, the sidecar's own included, goes to the inbound listener, which refuses
-    connections meant for the sidecar's ports (meshlet.proxy.inbound).
+    Excluded: the proxy's own UID (or it would loop into itself), the sidecar's own ports
+    inbound (probes and scrapes reach the health port directly; the loopback-only ones are then
+    refused by the kernel), loopback destinations and DNS outbound. Were a sidecar port redirected
+    all the same, the inbound listener refuses it too (meshlet.proxy.inbound).
     """
     return "\n".join([
         "set -eu",
@@ -216,8 +216,10 @@ def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
 def _family_rules(ipt: str, command: str, loopback: str, cfg: InjectConfig, bypass: Bypass) -> list[str]:
     inbound, outbound = "MESHLET_INBOUND", "MESHLET_OUTPUT"
     rules = [
-        f"{ipt} -A {inbound} -p tcp --dport {cfg.health_port} -j RETURN",
-        f"{ipt} -A {inbound} -p tcp --dport {cfg.inbound_port} -j RETURN",
+        # The sidecar's own ports go where the kernel delivers them: the health and inbound ports
+        # listen on the Pod IP; the control API and the outbound listener only on loopback, so a
+        # peer's connection to them is refused by the kernel, before any proxy sees it.
+        *(f"{ipt} -A {inbound} -p tcp --dport {port} -j RETURN" for port in sorted(cfg.ports)),
         *(f"{ipt} -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
         f"{ipt} -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
         f"{ipt} -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",

@@ -115,12 +115,12 @@ def test_sidecar_is_native_and_starts_before_the_app_and_other_init_containers()
     assert pod == yaml.safe_load((HERE / "manifests" / "pod-with-init.yaml").read_text()), "input was mutated"
 
 
-def test_redirect_script_excludes_proxy_uid_and_health_port_but_not_the_control_port():
+def test_redirect_script_excludes_proxy_uid_and_the_sidecars_own_ports():
     cfg = InjectConfig(uid=2000, admin_port=16000, health_port=16020, inbound_port=16006, outbound_port=16001)
     script = sidecar.redirect_script(cfg)
     assert "--uid-owner 2000 -j RETURN" in script
-    assert "--dport 16020 -j RETURN" in script
-    assert "--dport 16000" not in script  # redirected to the inbound listener, which refuses it
+    for port in (16000, 16001, 16006, 16020):  # the kernel delivers them: to the Pod IP or nowhere
+        assert f"ipt4 -A MESHLET_INBOUND -p tcp --dport {port} -j RETURN" in script
     assert "REDIRECT --to-ports 16006" in script and "REDIRECT --to-ports 16001" in script
 
 
