@@ -1,5 +1,5 @@
 # The two commands of README.md. Both install first (scripts/setup is idempotent).
-.PHONY: run test setup lint bench bench-growth
+.PHONY: run test setup lint bench bench-growth bench-h2
 
 VENV := .venv
 
@@ -21,3 +21,6 @@ bench: setup
 
 bench-growth: setup
 	$(VENV)/bin/python bench/growth.py
+
+bench-h2: setup
+	$(VENV)/bin/python bench/h2_bench.py

@@ -83,12 +83,13 @@ class Bench:
         """wrk -> a fresh sidecar (HAProxy or `meshlet run`) 90/10 -> nginx, sockmap off or on.
 
         Fresh per run: its backend connections must not outlive the run's mode."""
-        accel = SockmapAccelerator(self.cg, ports={self.proxy_port, *self.backends.values()}, pin_root=self.pin_root)
+        accel = SockmapAccelerator({self.proxy_port, *self.backends.values()}, self.pin_root / "accel")
         split = {n: (self.backends[n], w) for n, w in SPLIT.items()}
         with contextlib.ExitStack() as stack:
             if accelerate:
-                accel.start()
                 stack.callback(accel.stop, drain=2.0)
+                accel.start()
+                accel.set_targets([self.cg.path])
             if kind == "haproxy":
                 conf = haproxy_conf(self.work, self.proxy_port, split)
                 argv, ports, host = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(conf)], [], None
@@ -107,10 +108,11 @@ class Bench:
         return sample
 
     def connect4(self) -> Sample:
-        splitter = KernelSplitter(self.cg, pin_root=self.pin_root)
+        splitter = KernelSplitter(self.pin_root / "split")
         backends = tuple(SplitBackend("canary", n, Address("127.0.0.1", self.backends[n]), w) for n, w in SPLIT.items())
         try:
             splitter.start()
+            splitter.set_targets({self.cg.path: 0})
             splitter.apply([KernelSplit("reviews", Address("127.0.0.1", self.vip_port), backends)])
             sample = self.wrk(self.vip_port)
             self.kernel_connections += sum(splitter.connections().values())

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from harness.procs import Service, cpu_seconds, free_port, service
 from harness.servers import meshlet_policy, start_backends
-from run import MESHLET, SPLIT
+from harness.targets import MESHLET, SPLIT
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n"

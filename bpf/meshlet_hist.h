@@ -21,6 +21,12 @@
 #ifndef MAX_PORTS
 #define MAX_PORTS 64
 #endif
+#ifndef MAX_WORKLOAD_IPS
+#define MAX_WORKLOAD_IPS 1024
+#endif
+#ifndef HIST_ENTRIES
+#define HIST_ENTRIES 65536
+#endif
 
 #define HIST_SUB (1 << HIST_SUB_BITS)
 #define HIST_SLOTS ((HIST_MAX_EXP - HIST_SUB_BITS + 2) * HIST_SUB)
@@ -32,17 +38,23 @@
 
 #define DIR_IN 0  /* the policy port is our local port (we serve it) */
 #define DIR_OUT 1 /* the policy port is the remote port (we call it) */
+#define AF_INET_FAMILY 2
 
 struct hist_key {
     u8 metric;
     u8 direction;
-    u16 port;
+    u16 port;     /* 0: a known workload's traffic on a port no policy names */
+    u16 workload; /* the agent's tag of the socket's workload (namespace, name, QoS class); 0: none */
+    u16 unused;
     u32 slot;
 };
 
 /* Ports named by policies: the agent fills it, every program filters on it first. */
 BPF_HASH(ports, u16, u8, MAX_PORTS);
-BPF_HASH(hist, struct hist_key, u64, MAX_PORTS * 2 * 3 * (HIST_SLOTS + 1));
+/* IPv4 addresses (network order) of the node's Pods -> their workload tag. A socket's own
+ * (local) address says whose it is: a Pod's sockets live in its namespace, with its IP. */
+BPF_HASH(workloads, u32, u16, MAX_WORKLOAD_IPS);
+BPF_HASH(hist, struct hist_key, u64, HIST_ENTRIES);
 
 static __always_inline u32 hist_log2(u64 v)
 {
@@ -72,9 +84,20 @@ static __always_inline int port_watched(u16 port)
     return ports.lookup(&port) != NULL;
 }
 
-static __always_inline void hist_add(u8 metric, u8 direction, u16 port, u32 slot, u64 amount)
+/* The workload tag of a local IPv4 address given as 4 bytes of a tracepoint's args (read with
+ * a helper: the field may sit at an offset the verifier will not load a u32 from). */
+static __always_inline u16 workload_of(const void *addr)
 {
-    struct hist_key key = {.metric = metric, .direction = direction, .port = port, .slot = slot};
+    u32 ip = 0;
+    bpf_probe_read_kernel(&ip, sizeof(ip), addr);
+    u16 *tag = workloads.lookup(&ip);
+    return tag ? *tag : 0;
+}
+
+static __always_inline void hist_add(u8 metric, u8 direction, u16 port, u16 workload, u32 slot, u64 amount)
+{
+    struct hist_key key = {.metric = metric, .direction = direction, .port = port, .workload = workload,
+                           .slot = slot};
     u64 zero = 0;
     u64 *count = hist.lookup_or_try_init(&key, &zero);
     if (count)
@@ -82,10 +105,27 @@ static __always_inline void hist_add(u8 metric, u8 direction, u16 port, u32 slot
 }
 
 /* One observation: one more value in its slot, and its size in the running sum. */
-static __always_inline void hist_record(u8 metric, u8 direction, u16 port, u64 value_us)
+static __always_inline void hist_record(u8 metric, u8 direction, u16 port, u16 workload, u64 value_us)
 {
-    hist_add(metric, direction, port, hist_slot(value_us), 1);
-    hist_add(metric, direction, port, HIST_SLOT_SUM, value_us);
+    hist_add(metric, direction, port, workload, hist_slot(value_us), 1);
+    hist_add(metric, direction, port, workload, HIST_SLOT_SUM, value_us);
 }
+
+/* Where one event counts: under each watched port at its end of the connection, or, on no
+ * watched port, under port 0 when the socket belongs to a known workload. Returns how many. */
+#define HIST_FOR_PORTS(dport, sport, workload, RECORD)                                                   \
+    do {                                                                                                \
+        int recorded = 0;                                                                               \
+        if (port_watched(dport)) {                                                                      \
+            RECORD(DIR_OUT, dport, workload);                                                           \
+            recorded = 1;                                                                               \
+        }                                                                                               \
+        if (port_watched(sport)) {                                                                      \
+            RECORD(DIR_IN, sport, workload);                                                            \
+            recorded = 1;                                                                               \
+        }                                                                                               \
+        if (!recorded && (workload) != 0)                                                               \
+            RECORD(DIR_OUT, 0, workload);                                                               \
+    } while (0)
 
 #endif /* MESHLET_HIST_H */

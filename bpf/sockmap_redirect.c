@@ -1,8 +1,10 @@
 /* Sockmap acceleration of app <-> sidecar loopback traffic (Merbridge-style).
  *
- * sock_ops (attached to the workload's cgroup v2) puts each established TCP socket whose both
- * ends are on loopback and one end is a sidecar port into a sockhash, keyed by its 4-tuple
- * as the socket sees it. sk_msg (attached to that sockhash) then hands every message straight
+ * sock_ops (attached to the workload's cgroup v2, or to every meshed Pod's) puts each established
+ * TCP socket whose both ends are on loopback and one end is a sidecar port into a sockhash,
+ * keyed by its network namespace and its 4-tuple as the socket sees it. The namespace is part
+ * of the key because one sockhash serves every Pod of the node, and each Pod has its own
+ * loopback: the same 127.0.0.1 4-tuple in two Pods are two different connections. sk_msg (attached to that sockhash) then hands every message straight
  * to the peer socket's receive queue (BPF_F_INGRESS), skipping the TCP/IP stack twice.
  * The kernel removes a socket from the sockhash when it closes, so entries do not go stale.
  * Only uapi contexts are read (bpf_sock_ops, sk_msg_md): struct sock offsets are wrong here.
@@ -27,6 +29,7 @@
 /* The 4-tuple from the socket's own side: a socket finds its peer by swapping the ends.
  * Addresses as the kernel gives them (network order), ports in host order. */
 struct sock_key {
+    u64 netns; /* bpf_get_netns_cookie: loopback peers share it */
     u32 sip;
     u32 dip;
     u32 sport;
@@ -78,6 +81,7 @@ int meshlet_sockops(struct bpf_sock_ops *skops)
     if (!is_loopback(skops->local_ip4) || !is_loopback(skops->remote_ip4))
         return 1;
     struct sock_key key = {
+        .netns = bpf_get_netns_cookie(skops),
         .sip = skops->local_ip4,
         .dip = skops->remote_ip4,
         .sport = skops->local_port,
@@ -94,6 +98,7 @@ int meshlet_sockops(struct bpf_sock_ops *skops)
 int meshlet_skmsg(struct sk_msg_md *msg)
 {
     struct sock_key peer = {
+        .netns = bpf_get_netns_cookie(msg),
         .sip = msg->remote_ip4,
         .dip = msg->local_ip4,
         .sport = remote_port_host(msg->remote_port),

@@ -1,5 +1,8 @@
-/* tc clsact egress classifier (cls_bpf, direct-action): steers a packet into the HTB class its
- * TCP/UDP port maps to by setting skb->priority to the class id (HTB reads major:minor from it).
+/* tc clsact egress classifier (cls_bpf, direct-action): steers a packet into the HTB class of
+ * its workload or of its TCP/UDP port by setting skb->priority to the class id (HTB reads
+ * major:minor from it). The workload comes first: a Pod's IPv4 address (source, then
+ * destination) in `pods` names the class its labels chose; packets forwarded from a Pod's
+ * veth have no socket any more, but they still carry the Pod's address. Then the ports.
  * Unmapped packets keep their priority and fall into the HTB default class; the program never
  * drops or redirects, it always returns TC_ACT_OK.
  */
@@ -13,8 +16,12 @@
 #ifndef MAX_PORTS
 #define MAX_PORTS 64
 #endif
+#ifndef MAX_PODS
+#define MAX_PODS 1024
+#endif
 
 BPF_HASH(classes, u16, u32, MAX_PORTS); /* port -> HTB class id, e.g. 0x10010 for 1:10 */
+BPF_HASH(pods, u32, u32, MAX_PODS);     /* Pod IPv4 (network order) -> HTB class id */
 
 int classify(struct __sk_buff *skb)
 {
@@ -24,6 +31,13 @@ int classify(struct __sk_buff *skb)
         struct iphdr ip;
         if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
             return TC_ACT_OK;
+        u32 *pod_class = pods.lookup(&ip.saddr);
+        if (!pod_class)
+            pod_class = pods.lookup(&ip.daddr);
+        if (pod_class) {
+            skb->priority = *pod_class;
+            return TC_ACT_OK;
+        }
         if (ip.frag_off & htons(0x1fff)) /* a later fragment: no ports to read */
             return TC_ACT_OK;
         proto = ip.protocol;

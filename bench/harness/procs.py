@@ -59,15 +59,25 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def peak_rss_each(pids: Sequence[int]) -> list[int]:
-    """Each process's peak resident set (VmHWM), in bytes."""
-    peaks = []
+def _status_bytes(pids: Sequence[int], field: str) -> list[int]:
+    """One memory field of /proc/PID/status (kB there) for each process still alive, in bytes."""
+    found = []
     for pid in pids:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks.append(int(line.split()[1]) * 1024)
-    return peaks
+                if line.startswith(field + ":"):
+                    found.append(int(line.split()[1]) * 1024)
+    return found
+
+
+def peak_rss_each(pids: Sequence[int]) -> list[int]:
+    """Each process's peak resident set (VmHWM), in bytes."""
+    return _status_bytes(pids, "VmHWM")
+
+
+def rss_each(pids: Sequence[int]) -> list[int]:
+    """Each process's resident set now (VmRSS), in bytes: idle memory, before any load."""
+    return _status_bytes(pids, "VmRSS")
 
 
 def peak_rss_bytes(pids: Sequence[int]) -> int:
@@ -80,9 +90,17 @@ class Service:
 
     name: str
     proc: subprocess.Popen
+    log: Path | None = None
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid)
+
+    def died(self) -> str | None:
+        """How it ended, if it did (a crash, or a signal from outside the run): its figures would be
+        another target's, or nobody's."""
+        if self.proc.poll() is None:
+            return None
+        return f"{self.name} exited with {self.proc.returncode}: {last_line(self.log)}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -94,13 +112,17 @@ class Service:
                 self.proc.wait(timeout=5)
 
 
+def last_line(log: Path | None) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log and log.exists() else []
+    return lines[-1] if lines else "(no output)"
+
+
 def wait_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     """Wait for a process that says it is ready in its log (the agent: compiling takes seconds)."""
     deadline = time.monotonic() + timeout
     while text not in log.read_text(errors="replace"):
         if proc.poll() is not None:
-            lines = log.read_text(errors="replace").strip().splitlines() or ["(no output)"]
-            raise RuntimeError(f"{Path(proc.args[0]).name} exited with {proc.returncode}: {lines[-1]}")
+            raise RuntimeError(f"{Path(proc.args[0]).name} exited with {proc.returncode}: {last_line(log)}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{Path(proc.args[0]).name} not ready after {timeout:.0f}s (no {text!r} in {log})")
         time.sleep(0.1)
@@ -113,7 +135,7 @@ def service(
     """Start argv, wait until every port listens (and `ready` is logged), stop it on exit whatever happens."""
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    svc = Service(name, proc)
+    svc = Service(name, proc, log)
     try:
         for port in ports:
             wait_port(port, proc=proc)

@@ -43,48 +43,27 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None or math.isnan(seconds) else f"{seconds * 1000:.2f}"
 
 
-def table(rows: Sequence[Row], unavailable: dict[str, str]) -> str:
+def table(rows: Sequence[Row], unavailable: dict[str, str], reference: dict[str, str]) -> str:
+    """`reference`: target → the HAProxy it is compared with (the one with as many threads as it has workers)."""
     by_key = {(r.target, r.scenario): r for r in rows}
     head = (f"{'target':<22} {'scenario':<12} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-            f"{'+p50 ms':>8} {'x HAProxy':>9} {'cpu s/1k':>8} {'RSS MB':>7} {'errors':>6}")
+            f"{'+p50 ms':>8} {'x direct':>8} {'x HAProxy':>9} {'cpu s/1k':>8} {'RSS MB':>7} {'errors':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         direct = by_key.get(("direct", r.scenario))
-        haproxy = by_key.get(("haproxy", r.scenario))
+        haproxy = by_key.get((reference.get(r.target, ""), r.scenario))
         added = _ms(r.p50 - direct.p50) if direct and r.target != "direct" else "-"
-        ratio = f"{r.rps / haproxy.rps:.3f}" if haproxy and haproxy.rps else "-"
         cpu = f"{r.cpu_per_1k:.3f}" if r.cpu_per_1k is not None else "-"
         rss = f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-"
         lines.append(f"{r.target:<22} {r.scenario:<12} {r.rps:>9.0f} {_ms(r.p50):>8} {_ms(r.p90):>8} {_ms(r.p99):>8} "
-                     f"{added:>8} {ratio:>9} {cpu:>8} {rss:>7} {r.errors:>6}")
+                     f"{added:>8} {_ratio(r, direct):>8} {_ratio(r, haproxy):>9} {cpu:>8} {rss:>7} {r.errors:>6}")
     for target, reason in unavailable.items():
         lines.append(f"{target:<22} unavailable: {reason}")
     return "\n".join(lines)
 
 
-def goals(rows: Sequence[Row], default: str | None, proxies: Sequence[str]) -> str:
-    """Issue 8's targets from this run: `default` is the sidecar with default workers, `proxies`
-    the targets whose processes are proxy workers (RSS per worker)."""
-    by_key = {(r.target, r.scenario): r for r in rows}
-
-    def get(target: str | None, scenario: str) -> Row | None:
-        return by_key.get((target, scenario)) if target else None
-
-    lines = ["", "issue 8 targets (this run):"]
-    mesh, hap = get(default, "wrk-c16"), get("haproxy", "wrk-c16")
-    if mesh and hap:
-        lines.append(f"  {default} throughput at 16 connections: {mesh.rps / hap.rps:.1%} of HAProxy (goal >= 15%)")
-    mesh, direct = get(default, "rate-500"), get("direct", "rate-500")
-    if mesh and direct:
-        lines.append(f"  {default} added p50 at 500 req/s: {_ms(mesh.p50 - direct.p50)} ms (goal <= 1 ms)")
-    mtls, plain = get("meshlet-mtls", "wrk-c1"), get("meshlet-2hop", "wrk-c1")
-    if mtls and plain:  # one request at a time: the hop's own latency, whatever the machine's load
-        lines.append(f"  mTLS hop p50 at 1 connection: {mtls.p50 / plain.p50:.2f}x the plaintext hop (goal <= 1.15x)")
-    for name in proxies:
-        rss = max((r.largest_rss_mb or 0 for r in rows if r.target == name), default=0)
-        if rss:
-            lines.append(f"  {name} peak RSS of its largest process: {rss:.0f} MiB (goal <= 80 MiB per worker)")
-    return "\n".join(lines)
+def _ratio(row: Row, base: Row | None) -> str:
+    return f"{row.rps / base.rps:.3f}" if base and base.rps else "-"
 
 
 def machine() -> str:
@@ -94,7 +73,10 @@ def machine() -> str:
     return f"{platform.system()} {platform.release()}, {cores} cores ({cpu}), Python {platform.python_version()}"
 
 
-def write(results_dir: Path, rows: Sequence[Row], unavailable: dict[str, str], settings: dict) -> None:
+def write(
+    results_dir: Path, rows: Sequence[Row], unavailable: dict[str, str], settings: dict, findings: dict
+) -> None:
+    """`findings`: what is not a row (idle RSS per target, the targets checklist), kept beside the rows."""
     results_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -102,6 +84,7 @@ def write(results_dir: Path, rows: Sequence[Row], unavailable: dict[str, str], s
         "settings": settings,
         "rows": [asdict(r) for r in rows],
         "unavailable": unavailable,
+        **findings,
     }
     (results_dir / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
     chart(results_dir / "latest.png", rows, doc["date"], doc["machine"])
@@ -114,7 +97,8 @@ def chart(path: Path, rows: Sequence[Row], date: str, machine_line: str) -> None
     import matplotlib.pyplot as plt
 
     scenarios = list(dict.fromkeys(r.scenario for r in rows))
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4.5), squeeze=False)
+    width = max(5.0, 0.5 * len({r.target for r in rows}))  # room for every target's label
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(width * len(scenarios), 4.5), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios, strict=True):
         picked = [r for r in rows if r.scenario == scenario]
         xs = range(len(picked))

@@ -18,10 +18,11 @@ def start_backends(stack: contextlib.ExitStack, work: Path) -> dict[str, int]:
     return backends
 
 
-def nginx_conf(workdir: Path, ports: dict[str, int]) -> Path:
-    """One nginx worker serving each named backend on its port with a tiny fixed body."""
+def nginx_conf(workdir: Path, ports: dict[str, int], hosts: dict[str, str] | None = None) -> Path:
+    """One nginx worker serving each named backend on its port (and address: `hosts`, default
+    loopback) with a tiny fixed body."""
     servers = "\n".join(
-        f"    server {{ listen 127.0.0.1:{port} reuseport; keepalive_requests 1000000; "
+        f"    server {{ listen {(hosts or {}).get(name, '127.0.0.1')}:{port} reuseport; keepalive_requests 1000000; "
         f"location / {{ return 200 '{name}\\n'; }} }}"
         for name, port in ports.items()
     )
@@ -47,8 +48,10 @@ http {{
     return conf
 
 
-def haproxy_conf(workdir: Path, port: int, backends: dict[str, tuple[int, int]]) -> Path:
-    """HAProxy doing the same weighted split as the meshlet policy: name → (port, weight)."""
+def haproxy_conf(workdir: Path, port: int, backends: dict[str, tuple[int, int]], threads: int = 1) -> Path:
+    """HAProxy doing the same weighted split as the meshlet policy: name → (port, weight).
+
+    `threads` (nbthread) is what a meshlet target of as many `--workers` is compared with."""
     servers = "\n".join(
         f"    server {name} 127.0.0.1:{backend_port} weight {weight}"
         for name, (backend_port, weight) in backends.items()
@@ -56,7 +59,7 @@ def haproxy_conf(workdir: Path, port: int, backends: dict[str, tuple[int, int]])
     conf = workdir / "haproxy.cfg"
     conf.write_text(f"""\
 global
-    nbthread 1
+    nbthread {threads}
 defaults
     mode http
     timeout connect 2s

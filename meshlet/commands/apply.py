@@ -8,7 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from meshlet.commands import CommandError
+from meshlet.commands import CommandError, print_warnings, refused
 from meshlet.policy import PolicyInvalid, load_file, load_text
 from meshlet.policy.diff import diff
 
@@ -60,11 +60,10 @@ def run(args: argparse.Namespace) -> int:
         with open(args.file, "rb") as f:
             body = f.read()
     except PolicyInvalid as e:
-        for error in e.errors[:-1]:
-            print(error, file=sys.stderr)
-        raise CommandError(str(e.errors[-1])) from None
+        raise refused(e) from None
     except OSError as e:
         raise CommandError(f"{args.file}: {e.strerror}") from None
+    print_warnings(new.warnings)  # the sidecar's answer repeats them for its own copy: not printed twice
     base = args.sidecar.rstrip("/")
     current = _call("GET", f"{base}/policy")
     try:
@@ -94,9 +93,7 @@ def _run_kube(args: argparse.Namespace) -> int:
         for line in apply_file(args.file, args.context, args.namespace):
             print(line)
     except PolicyInvalid as e:
-        for error in e.errors[:-1]:
-            print(error, file=sys.stderr)
-        raise CommandError(str(e.errors[-1])) from None
+        raise refused(e) from None
     except KubeError as e:
         raise CommandError(str(e)) from None
     return 0

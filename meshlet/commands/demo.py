@@ -22,7 +22,7 @@ spec:
     - name: canary
       to: [{backend: v1, weight: 90}, {backend: v2, weight: 10}]
       timeout: 2s
-      retries: {attempts: 2, on: [connect-failure, 5xx]}
+      retries: {attempts: 2, retryOn: [connect-failure, 5xx]}
 """
 BACKENDS = (("v1", 9081), ("v2", 9082))
 

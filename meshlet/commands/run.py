@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshlet.commands import CommandError
+from meshlet.commands import CommandError, print_warnings, refused
 from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.model import Address
 from meshlet.proxy.engine import DEFAULT_ENGINE, ENGINES
@@ -170,13 +169,11 @@ def _cluster(args: argparse.Namespace) -> Cluster | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshlet.mtls.files import IdentityError, read_identity
-    from meshlet.mtls.reissue import Reissuer
+    from meshlet.mtls.errors import IdentityError
     from meshlet.mtls.requirements import require_identity
     from meshlet.proxy.config import SidecarConfig
     from meshlet.proxy.serve import StartupError, run_serve, setup_logging
     from meshlet.proxy.state import compile_policy
-    from meshlet.proxy.supervisor import supervise
     from meshlet.rollout.service import RolloutOptions
 
     engine, addons = _engine(args), _addons(args.addon)
@@ -195,13 +192,15 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CommandError(f"{args.policy}: {e.strerror}") from None
     except PolicyInvalid as e:
-        for error in e.errors[:-1]:
-            print(error, file=sys.stderr)
-        raise CommandError(str(e.errors[-1])) from None
+        raise refused(e) from None
+    print_warnings(applied.warnings)
     if args.ca is not None and args.identity is None:
         raise CommandError("--ca reissues the --identity certificate: give --identity DIR too")
     if args.identity is not None:
         try:
+            from meshlet.mtls.files import read_identity
+            from meshlet.mtls.reissue import Reissuer
+
             read_identity(args.identity)  # checked once here, before any worker starts
             if args.ca is not None:
                 Reissuer(args.identity, args.ca)
@@ -244,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.workers == 1:
             return run_serve(config, applied, ready, rollout)
+        from meshlet.proxy.supervisor import supervise  # a worker-serving CLI never loads it
+
         return asyncio.run(supervise(config, applied, args.workers, ready, rollout))
     except (StartupError, IdentityError) as e:
         raise CommandError(str(e)) from None

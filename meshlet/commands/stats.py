@@ -1,4 +1,4 @@
-"""`meshlet stats`: a live p50/p90/p99 table per port from the agent's /metrics, like `top`."""
+"""`meshlet stats`: a live p50/p90/p99 table per port (and workload) from the agent's /metrics, like `top`."""
 
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(rows: list[PercentileRow]) -> str:
-    lines = [f"{'PORT':>6} {'DIR':<4} {'METRIC':<8} {'COUNT':>9} {'P50':>10} {'P90':>10} {'P99':>10}"]
+    """One row per series; PORT `*` is a workload's traffic on ports no policy names."""
+    lines = [f"{'PORT':>6} {'DIR':<4} {'METRIC':<8} {'COUNT':>9} {'P50':>10} {'P90':>10} {'P99':>10}  WORKLOAD"]
     for r in rows:
         quantiles = " ".join(f"{_duration(q):>10}" for q in (r.p50, r.p90, r.p99))
-        lines.append(f"{r.port:>6} {r.direction:<4} {r.metric:<8} {r.count:>9} {quantiles}")
+        port = r.port or "*"
+        lines.append(f"{port:>6} {r.direction:<4} {r.metric:<8} {r.count:>9} {quantiles}  {r.workload}".rstrip())
     if not rows:
         lines.append("(no observations yet: are the policy ports seeing traffic?)")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Sockmap acceleration of app <-> sidecar loopback sockets (bpf/sockmap_redirect.c).
 
-`SockmapAccelerator` owns the hooks on one workload cgroup: sockets with a sidecar port at
-either end go into a sockhash and their messages skip the TCP stack. Stopping detaches the
+`SockmapAccelerator` owns the hooks, loaded once and attached to every workload cgroup it is
+given (one `--cgroup`, or each meshed Pod's): sockets with a sidecar port at either end go
+into one sockhash, keyed by network namespace too, and their messages skip the TCP stack.
+A cgroup that leaves (its Pod ended) is detached at once; its sockets close with it. Stopping detaches the
 sock_ops hook first (no new sockets), waits a bounded time for accelerated sockets to close,
 and only then frees the sockhash: freeing it tears down the psock of every socket still in it
 while data may sit in that psock's queue, so the safe order is no new sockets, wait, free.
@@ -19,12 +21,12 @@ from pathlib import Path
 from meshlet.ebpf import bpfsys
 from meshlet.ebpf.cgroup import Cgroup
 from meshlet.ebpf.hooks import PIN_ROOT, CgroupHooks, Hook, HookSet
-from meshlet.ebpf.maps import fill_port_map
+from meshlet.ebpf.maps import fill_map
 
 SIDECAR_PORTS = (15001, 15006)
 MAX_SOCKETS = 65535
 MAX_PORTS = 64
-SOCK_KEY_SIZE = 16  # struct sock_key: four u32
+SOCK_KEY_SIZE = 24  # struct sock_key: the netns cookie (u64) and four u32
 STAT_REDIRECTED_BYTES, STAT_REDIRECTED_MSGS, STAT_FALLBACK_MSGS, STAT_INSERTED = range(4)
 
 _SOCK_OPS, _SK_MSG = 13, 16  # BPFProgType.SOCK_OPS, SK_MSG
@@ -51,22 +53,24 @@ class AccelStats:
 
 
 class SockmapAccelerator:
-    def __init__(self, cgroup: Cgroup, ports: Iterable[int] = SIDECAR_PORTS, pin_root: Path = PIN_ROOT) -> None:
+    def __init__(self, ports: Iterable[int] = SIDECAR_PORTS, pin_dir: Path = PIN_ROOT / SOCKMAP.name) -> None:
         self.ports = frozenset(ports)
-        self.hooks = CgroupHooks(
-            SOCKMAP, cgroup, cflags=(f"-DMAX_SOCKETS={MAX_SOCKETS}", f"-DMAX_PORTS={MAX_PORTS}"), pin_root=pin_root
-        )
+        self.hooks = CgroupHooks(SOCKMAP, pin_dir, cflags=(f"-DMAX_SOCKETS={MAX_SOCKETS}", f"-DMAX_PORTS={MAX_PORTS}"))
 
     def start(self) -> None:
         self.hooks.start()
         self.set_ports(self.ports)
+
+    def set_targets(self, cgroups: Iterable[Path]) -> dict[Path, str]:
+        """Accelerate exactly these cgroups; the ones that refused, path → one line."""
+        return self.hooks.attach_exactly(Cgroup(path) for path in cgroups)
 
     def set_ports(self, ports: Iterable[int]) -> None:
         """Which ports count as sidecar ports; applies to sockets established from now on."""
         self.ports = frozenset(ports)
         if len(self.ports) > MAX_PORTS:
             raise ValueError(f"at most {MAX_PORTS} sidecar ports, got {len(self.ports)}")
-        fill_port_map(self.hooks.table("meshlet_ports"), dict.fromkeys(self.ports, 1))
+        fill_map(self.hooks.table("meshlet_ports"), dict.fromkeys(self.ports, 1))
 
     def sockets(self) -> int:
         return sum(1 for _ in bpfsys.map_keys(self.hooks.map_fd("meshlet_socks"), SOCK_KEY_SIZE, MAX_SOCKETS + 1))
@@ -88,7 +92,7 @@ class SockmapAccelerator:
             return 0
         left = 0
         try:
-            self.hooks.detach()
+            self.hooks.detach_all()
             deadline = time.monotonic() + drain
             left = self.sockets()
             while left and time.monotonic() < deadline:

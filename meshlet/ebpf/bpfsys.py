@@ -23,6 +23,7 @@ def _libbpf() -> ctypes.CDLL:
     c_int, c_uint, c_char_p, c_void_p = ctypes.c_int, ctypes.c_uint, ctypes.c_char_p, ctypes.c_void_p
     signatures = {
         "bpf_obj_get": (c_int, [c_char_p]),
+        "bpf_prog_get_fd_by_id": (c_int, [c_uint]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
         "bpf_prog_query": (
             c_int,
@@ -49,6 +50,11 @@ def open_pinned(path: Path) -> int:
     return _check(_libbpf().bpf_obj_get(os.fsencode(path)), f"open {path}")
 
 
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new file descriptor for a loaded program (FileNotFoundError: freed); the caller closes it."""
+    return _check(_libbpf().bpf_prog_get_fd_by_id(prog_id), f"program {prog_id}")
+
+
 def detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(_libbpf().bpf_prog_detach2(prog_fd, target_fd, attach_type), f"detach type {attach_type}")
 
@@ -62,9 +68,11 @@ class ProgInfo:
     id: int
     run_count: int  # only counted while the kernel.bpf_stats_enabled sysctl is 1
     recursion_misses: int
+    name: str = ""  # the function's name, cut to 15 characters
 
 
-# Offsets in struct bpf_prog_info (linux/bpf.h): id at 4, run_cnt at 200, recursion_misses at 208.
+# Offsets in struct bpf_prog_info (linux/bpf.h): id at 4, name[16] at 64, run_cnt at 200,
+# recursion_misses at 208.
 _PROG_INFO_SIZE = 232
 
 
@@ -73,7 +81,8 @@ def prog_info(fd: int) -> ProgInfo:
     size = ctypes.c_uint(ctypes.sizeof(info))
     _check(_libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)), "program info")
     run_count, misses = struct.unpack_from("<QQ", info.raw, 200)
-    return ProgInfo(id=int.from_bytes(info.raw[4:8], "little"), run_count=run_count, recursion_misses=misses)
+    name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+    return ProgInfo(int.from_bytes(info.raw[4:8], "little"), run_count, misses, name)
 
 
 def prog_id(fd: int) -> int:

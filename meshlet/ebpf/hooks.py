@@ -1,11 +1,14 @@
-"""A set of cgroup eBPF hooks compiled from one C file: load, attach, pin, adopt, remove.
+"""A set of cgroup eBPF hooks compiled from one C file: load once, attach to many cgroups, pin, adopt, remove.
 
 Both accelerations (sockmap redirect, connect4 split) follow the same life cycle, so it lives
-here once. Programs are attached exclusively (flags 0): attaching replaces whatever program of
-that type a crashed agent left on the cgroup, in one step, so a hook is never attached twice.
-Maps are pinned under `<pin root>/<set>-<cgroup id>/`; when a restart finds them, bcc opens
-them instead of creating new ones (see bpf/meshlet_pin.h), so live sockets, weights and
-counters carry over a `kill -9` of the agent.
+here once. The programs are compiled and loaded once per node and attached to every cgroup
+that needs them (a workload's, or each meshed Pod's): a Pod costs one attach, never a compile.
+Programs are attached exclusively (flags 0): attaching replaces whatever program of that type
+a crashed agent left on the cgroup, in one step, so a hook is never attached twice. Maps are
+pinned under `<pin dir>/`; when a restart finds them, bcc opens them instead of creating new
+ones (see bpf/meshlet_pin.h), so live sockets, weights and counters carry over a `kill -9` of
+the agent. `sweep` removes meshlet programs from cgroups that should no longer have them (a
+Pod that stopped being meshed while no agent ran).
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meshlet.ebpf import bpfsys, pins, source
-from meshlet.ebpf.cgroup import Cgroup
+from meshlet.ebpf.cgroup import Cgroup, CgroupError
 
 log = logging.getLogger("meshlet.ebpf")
-PIN_ROOT = pins.PIN_DIR
+PIN_ROOT = pins.PIN_DIR.parent
+PROGRAM_PREFIX = "meshlet_"  # every hook function's name starts with it: how `sweep` knows ours
 
 
 class HookError(OSError):
@@ -43,27 +47,31 @@ class Hook:
 
 @dataclass(frozen=True, slots=True)
 class HookSet:
-    name: str  # the pin directory's prefix
+    name: str  # the pin directory's name
     source: str  # file in bpf/
     hooks: tuple[Hook, ...]
     maps: tuple[str, ...]  # pinned, and adopted on restart
 
+    @property
+    def cgroup_hooks(self) -> tuple[Hook, ...]:
+        return tuple(h for h in self.hooks if h.map is None)
+
 
 class CgroupHooks:
-    """One `HookSet` live on one cgroup. `start()` then `detach()` + `close()` (or `stop()`)."""
+    """One `HookSet` loaded once: `start()`, then `attach()`/`detach()` per cgroup, then `stop()`."""
 
-    def __init__(self, spec: HookSet, cgroup: Cgroup, cflags: Sequence[str] = (), pin_root: Path = PIN_ROOT) -> None:
+    def __init__(self, spec: HookSet, pin_dir: Path, cflags: Sequence[str] = ()) -> None:
         self.spec = spec
-        self.cgroup = cgroup
         self.cflags = tuple(cflags)
-        self.pin_dir = pin_root / f"{spec.name}-{cgroup.id}"
+        self.pin_dir = pin_dir
         self.bpf: Any = None
         self.adopted = False
+        self.cgroups: dict[Path, int] = {}  # attached: path → cgroup id
         self._functions: dict[str, Any] = {}
-        self._cgroup_fd: int | None = None
 
     def start(self) -> None:
-        """Compile, load and attach; adopt the maps a previous agent pinned, if all are there."""
+        """Compile and load; adopt the maps a previous agent pinned, if all are there; attach
+        the map hooks. No cgroup yet: `attach` adds them."""
         from bcc import BPF
 
         self.adopted = all((self.pin_dir / name).exists() for name in self.spec.maps)
@@ -79,21 +87,19 @@ class CgroupHooks:
             self.close()
             self.adopted = False
             self._load()
-        self._cgroup_fd = os.open(self.cgroup.path, os.O_RDONLY | os.O_DIRECTORY)
         # Map hooks first: a socket copies the map's programs when it is inserted.
-        for hook in sorted(self.spec.hooks, key=lambda h: h.map is None):
-            target = self.map_fd(hook.map) if hook.map else self._cgroup_fd
-            try:
-                BPF.attach_func(self._functions[hook.function], target, hook.attach_type)
-            except Exception as e:
-                where = f"map {hook.map}" if hook.map else f"cgroup {self.cgroup.path}"
-                raise HookError(f"cannot attach {hook.function} to {where}: {e}") from e
+        for hook in self.spec.hooks:
+            if hook.map is not None:
+                try:
+                    BPF.attach_func(self._functions[hook.function], self.map_fd(hook.map), hook.attach_type)
+                except Exception as e:
+                    raise HookError(f"cannot attach {hook.function} to map {hook.map}: {e}") from e
         for name in self.spec.maps:
             if not self.adopted:
                 pins.pin(self.map_fd(name), name, self.pin_dir)
         for hook in self.spec.hooks:
             pins.pin(self._functions[hook.function].fd, hook.function, self.pin_dir)
-        log.info("%s: attached to %s (%s maps)", self.spec.name, self.cgroup.path, "adopted" if self.adopted else "new")
+        log.info("%s: loaded (%s maps in %s)", self.spec.name, "adopted" if self.adopted else "new", self.pin_dir)
 
     def _load(self) -> None:
         from bcc import BPF
@@ -110,6 +116,61 @@ class CgroupHooks:
         except Exception as e:  # bcc raises bare Exception for compile and load errors
             raise HookError(f"cannot load {self.spec.source}: {str(e).splitlines()[0]}") from e
 
+    def attach(self, cgroup: Cgroup) -> int:
+        """Attach the cgroup hooks (replacing any earlier program of the same type); the cgroup id."""
+        from bcc import BPF
+
+        with cgroup.fd() as fd:
+            cgroup_id = os.fstat(fd).st_ino
+            for hook in self.spec.cgroup_hooks:
+                try:
+                    BPF.attach_func(self._functions[hook.function], fd, hook.attach_type)
+                except Exception as e:
+                    raise HookError(f"cannot attach {hook.function} to cgroup {cgroup.path}: {e}") from e
+        self.cgroups[cgroup.path] = cgroup_id
+        return cgroup_id
+
+    def detach(self, cgroup: Cgroup) -> None:
+        """New sockets of the cgroup are no longer touched; existing ones keep going. A cgroup
+        that is gone (the Pod ended) took its hooks with it."""
+        self.cgroups.pop(cgroup.path, None)
+        try:
+            fd = os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return
+        try:
+            for hook in self.spec.cgroup_hooks:
+                try:
+                    bpfsys.detach(self._functions[hook.function].fd, fd, hook.attach_type)
+                except OSError as e:
+                    if e.errno != errno.ENOENT:  # already replaced or the cgroup is going
+                        raise
+        finally:
+            os.close(fd)
+
+    def attach_exactly(self, cgroups: Iterable[Cgroup]) -> dict[Path, str]:
+        """Attached to these cgroups and no others. A cgroup the kernel refuses (or that is not
+        there yet) is named in the result, path → one line; the others are not held up by it."""
+        wanted = {cgroup.path: cgroup for cgroup in cgroups}
+        errors: dict[Path, str] = {}
+        for path in [p for p in self.cgroups if p not in wanted]:
+            try:
+                self.detach(Cgroup(path))
+            except OSError as e:
+                errors[path] = f"cannot detach {self.spec.name} from cgroup {path}: {e.strerror or e}"
+        for path, cgroup in wanted.items():
+            if path in self.cgroups:
+                continue
+            try:
+                self.attach(cgroup)
+            except (HookError, CgroupError) as e:
+                errors[path] = str(e)
+        return errors
+
+    def detach_all(self) -> None:
+        for path in list(self.cgroups):
+            self.detach(Cgroup(path))
+
     def map_fd(self, name: str) -> int:
         from bcc import libbcc
 
@@ -123,20 +184,6 @@ class CgroupHooks:
 
     def prog_id(self, function: str) -> int:
         return bpfsys.prog_id(self._functions[function].fd)
-
-    def detach(self) -> None:
-        """Detach the cgroup hooks: new sockets are no longer touched; existing ones keep going."""
-        if self._cgroup_fd is None:
-            return
-        for hook in self.spec.hooks:
-            if hook.map is None and hook.function in self._functions:
-                try:
-                    bpfsys.detach(self._functions[hook.function].fd, self._cgroup_fd, hook.attach_type)
-                except OSError as e:
-                    if e.errno != errno.ENOENT:  # already replaced or the cgroup is gone
-                        raise
-        os.close(self._cgroup_fd)
-        self._cgroup_fd = None
 
     def close(self, keep_maps: bool = False) -> None:
         """Unpin and free everything, or leave the maps pinned for the next agent to adopt."""
@@ -152,10 +199,11 @@ class CgroupHooks:
             if self.bpf is not None:
                 self.bpf.cleanup()
                 self.bpf = None
+                self._functions.clear()
 
     def stop(self) -> None:
         try:
-            self.detach()
+            self.detach_all()
         finally:
             self.close()
 
@@ -165,6 +213,42 @@ class CgroupHooks:
         for path in self.pin_dir.iterdir():
             _unlink(path)
         self.pin_dir.rmdir()
+
+
+def sweep(spec: HookSet, cgroups: Iterable[Cgroup]) -> list[Path]:
+    """Detach meshlet programs of the set's cgroup hook types from these cgroups (whatever
+    agent attached them); the cgroups that had one."""
+    swept = []
+    for cgroup in cgroups:
+        try:
+            fd = os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            found = False
+            for hook in spec.cgroup_hooks:
+                for prog_id in bpfsys.attached_ids(fd, hook.attach_type):
+                    found |= _detach_if_ours(prog_id, fd, hook.attach_type)
+            if found:
+                swept.append(cgroup.path)
+        finally:
+            os.close(fd)
+    return swept
+
+
+def _detach_if_ours(prog_id: int, cgroup_fd: int, attach_type: int) -> bool:
+    try:
+        prog_fd = bpfsys.prog_fd_by_id(prog_id)
+    except FileNotFoundError:
+        return False  # freed meanwhile
+    try:
+        if not bpfsys.prog_info(prog_fd).name.startswith(PROGRAM_PREFIX):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            bpfsys.detach(prog_fd, cgroup_fd, attach_type)
+        return True
+    finally:
+        os.close(prog_fd)
 
 
 def _unlink(path: Path) -> None:

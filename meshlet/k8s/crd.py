@@ -40,11 +40,12 @@ SECTIONS: dict[str, type] = {
     "sticky": model.Sticky,
     "retries": model.Retries,
     "mtls": model.Mtls,
-    "selector": model.Mtls,
     "qos": model.TrafficPolicy,
     "QoSPolicy.spec": model.QoSPolicy,
     "qosClass": model.QosClass,
     "slo": model.Slo,
+    "labelSelector": model.LabelSelector,
+    "labelRequirement": model.LabelRequirement,
 }
 # Sections that are not the spec of a policy but Kubernetes' own envelope.
 ENVELOPE = ("document", "metadata")
@@ -56,14 +57,17 @@ RENAMED: dict[tuple[str, str], str] = {
     ("sticky", "source"): "source_ip",
     ("analysis.success_rate", "min"): "min_success_rate",
     ("analysis.p99", "max"): "max_p99",
-    ("selector", "matchLabels"): "selector",
+    ("retries", "retryOn"): "on",
+    ("qosClass", "podSelector"): "pod_selector",
+    ("QoSPolicy.spec", "nodeSelector"): "node_selector",
+    ("labelSelector", "matchLabels"): "match_labels",
+    ("labelSelector", "matchExpressions"): "match_expressions",
 }
 # YAML mappings that fold into their parent's class: field → the section describing them.
 NESTED: dict[tuple[str, str], str] = {
     ("TrafficPolicy.spec", "qos"): "qos",
     ("analysis", "success_rate"): "analysis.success_rate",
     ("analysis", "p99"): "analysis.p99",
-    ("mtls", "selector"): "selector",
 }
 
 _DURATION = {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h))+$", "description": "e.g. 2s, 150ms, 1m30s"}
@@ -75,7 +79,6 @@ FORMS: dict[tuple[str, str], dict] = {
     ("TrafficPolicy.spec", "vip"): {"type": "string", "minLength": 9, "description": "IPV4:PORT a kernel split takes"},
     ("backend", "identity"): _SPIFFE,
     ("mtls", "allow"): {"type": "array", "items": _SPIFFE},
-    ("selector", "matchLabels"): {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}},
     ("route", "timeout"): _DURATION,
     ("rollout", "interval"): _DURATION,
     ("analysis.p99", "max"): _DURATION,
@@ -90,6 +93,7 @@ FORMS: dict[tuple[str, str], dict] = {
     ("match", "headers"): {"type": "object", "additionalProperties": _LOOSE},
     ("match", "cookies"): {"type": "object", "additionalProperties": _LOOSE},
     ("match", "method"): _LOOSE,
+    ("labelSelector", "matchLabels"): {"type": "object", "additionalProperties": {"type": "string"}},
 }
 # Bounds the loader enforces, merged into the derived schema; (section, "") is the mapping itself.
 BOUNDS: dict[tuple[str, str], dict] = {
@@ -140,6 +144,15 @@ def object_schema(section: str) -> dict:
     required = [name for name, needed in fields.items() if needed]
     if required:
         schema["required"] = required
+    # Deprecated names stay in the schema: the API server prunes fields it does not know, and
+    # would silently drop them from resources written before the rename.
+    rules = []
+    for old, (new, why) in load.DEPRECATED.get(section, {}).items():
+        properties[old] = {**properties[new], "description": f"deprecated: write {new} ({why})"}
+        rules.append({"rule": f"!(has(self.{old}) && has(self.{new}))",
+                      "message": f"give {new} only, not also {old} (its deprecated old name)"})
+    if rules:
+        schema["x-kubernetes-validations"] = rules
     return _merge(schema, BOUNDS.get((section, ""), {}))
 
 

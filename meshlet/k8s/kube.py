@@ -189,6 +189,60 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def list_watch(
+    list_call: Callable[..., object],
+    args: tuple,
+    on_list: Callable[[list[dict]], None],
+    on_event: Callable[[str, dict], None],
+    stop: threading.Event,
+    log: Callable[[str], None],
+    *,
+    what: str,
+    kwargs: dict | None = None,
+    timeout_seconds: int = 300,
+    backoff: float = 1.0,
+) -> None:
+    """List, then watch, until `stop` is set: the informer loop every watcher of meshlet runs.
+
+    `on_list(items)` gets every (re)list, `on_event(type, object)` each ADDED/MODIFIED/DELETED
+    in between, objects as the API server's JSON. A dropped or expired watch resumes from the
+    last resourceVersion, or lists again (410 Gone, or the API unreachable); API errors are
+    logged as `WHAT: <message>; retrying in Ns` and retried after `backoff`.
+    """
+    import json
+
+    from kubernetes import watch
+    from kubernetes.client.exceptions import ApiException
+
+    kwargs = kwargs or {}
+    version: str | None = None
+    while not stop.is_set():
+        try:
+            if version is None:
+                listing = json.loads(list_call(*args, **kwargs, _preload_content=False).data)
+                version = listing["metadata"]["resourceVersion"]
+                on_list(listing.get("items") or [])
+            stream = watch.Watch()
+            for event in stream.stream(list_call, *args, **kwargs, resource_version=version,
+                                       timeout_seconds=timeout_seconds, allow_watch_bookmarks=True):
+                if stop.is_set():
+                    stream.stop()
+                    break
+                version = stream.resource_version or version
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    on_event(event["type"], event["raw_object"])
+        except ApiException as e:
+            if e.status == 410:  # our resourceVersion is too old: list afresh
+                version = None
+                continue
+            log(f"{what}: {_describe(e)}; retrying in {backoff:g}s")
+            stop.wait(backoff)
+        except _unreachable() as e:
+            log(f"{what}: cannot reach the Kubernetes API: {_reason(e)}; retrying in {backoff:g}s")
+            version = None
+            stop.wait(backoff)
+
+
 def watch_policies(
     cluster: Cluster,
     on_policies: Callable[[PolicySet, str], None],
@@ -203,44 +257,19 @@ def watch_policies(
 
     Calls `on_policies(set, source)` with each new valid set and its text as one multi-document
     policy (the sidecar swaps its table there, e.g. `PolicyState.apply(source)`), and writes
-    each resource's Ready condition. On a dropped or expired watch it resumes from the last
-    resourceVersion, or lists again; API errors are logged and retried after `backoff`.
+    each resource's Ready condition.
     """
-    from kubernetes import watch
-    from kubernetes.client.exceptions import ApiException
-
-    api, ns = cluster.api, namespace or cluster.namespace
-    args = (GROUP, VERSION, ns, PLURALS["TrafficPolicy"])
     reconciler = Reconciler()
-    version: str | None = None
-    while not stop.is_set():
-        try:
-            if version is None:
-                listing = api.list_namespaced_custom_object(*args)
-                version = listing["metadata"]["resourceVersion"]
-                steps = reconciler.resync(listing["items"], _now())
-                _handle(cluster, listing["items"], steps, reconciler, on_policies, log)
-            stream = watch.Watch()
-            for event in stream.stream(api.list_namespaced_custom_object, *args, resource_version=version,
-                                       timeout_seconds=timeout_seconds, allow_watch_bookmarks=True):
-                if stop.is_set():
-                    stream.stop()
-                    break
-                version = stream.resource_version or version
-                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                    obj = event["raw_object"]
-                    steps = [reconciler.event(event["type"], obj, _now())]
-                    _handle(cluster, [obj], steps, reconciler, on_policies, log)
-        except ApiException as e:
-            if e.status == 410:  # our resourceVersion is too old: list afresh
-                version = None
-                continue
-            log(f"watch-kube: {_describe(e)}; retrying in {backoff:g}s")
-            stop.wait(backoff)
-        except _unreachable() as e:
-            log(f"watch-kube: cannot reach the Kubernetes API: {_reason(e)}; retrying in {backoff:g}s")
-            version = None
-            stop.wait(backoff)
+
+    def on_list(items: list[dict]) -> None:
+        _handle(cluster, items, reconciler.resync(items, _now()), reconciler, on_policies, log)
+
+    def on_event(kind: str, obj: dict) -> None:
+        _handle(cluster, [obj], [reconciler.event(kind, obj, _now())], reconciler, on_policies, log)
+
+    args = (GROUP, VERSION, namespace or cluster.namespace, PLURALS["TrafficPolicy"])
+    list_watch(cluster.api.list_namespaced_custom_object, args, on_list, on_event, stop, log,
+               what="watch-kube", timeout_seconds=timeout_seconds, backoff=backoff)
 
 
 def _handle(cluster: Cluster, objs: list[dict], steps: list[Step], reconciler: Reconciler,

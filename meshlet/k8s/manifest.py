@@ -54,8 +54,9 @@ class Yaml12Loader(yaml.SafeLoader):
     """Booleans are only `true`/`false`, as in YAML 1.2 and JSON.
 
     PyYAML (like kubectl's go-yaml) follows YAML 1.1, where a bare `on`, `yes` or `off` is a
-    boolean: `retries: {on: [5xx]}` would reach the API server as `{"true": ["5xx"]}`. The
-    policy loader reads node values and keeps them strings; this loader agrees with it.
+    boolean: `retries: {on: [5xx]}` (the deprecated name of `retryOn`) would reach the API server
+    as `{"true": ["5xx"]}`. The policy loader reads node values and keeps them strings; this
+    loader agrees with it.
     """
 
 

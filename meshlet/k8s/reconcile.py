@@ -97,8 +97,10 @@ class Reconciler:
         if len(loaded.traffic) != 1:
             return self._refuse(obj, name, generation, now, None, "not a single TrafficPolicy")
         new = loaded.traffic[0]
+        # Warnings (a deprecated field) ride on the condition: `kubectl describe` is where they are read.
+        in_use = "; ".join(["in use", *map(str, loaded.warnings)])
         if self.good.get(name) == new:
-            return Step(None, name, Condition(True, "Applied", "in use", generation, now), f"{where(obj)}: unchanged")
+            return Step(None, name, Condition(True, "Applied", in_use, generation, now), f"{where(obj)}: unchanged")
         previous = self.good.get(name)
         self.good[name] = new
         errors = check_set(self.policies())
@@ -109,7 +111,7 @@ class Reconciler:
                 self.good[name] = previous
             return self._refuse(obj, name, generation, now, PolicyInvalid(errors))
         self.sources[name] = policy_text(obj)
-        return Step(self.policies(), name, Condition(True, "Applied", "in use", generation, now),
+        return Step(self.policies(), name, Condition(True, "Applied", in_use, generation, now),
                     f"{where(obj)}: applied generation {generation}")
 
     def resync(self, items: list[dict], now: str) -> list[Step]:

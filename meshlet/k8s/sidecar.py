@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshlet import __version__
+from meshlet.ebpf.kernel_split import BYPASS_MARK
 
 PROXY_NAME = "meshlet-proxy"
 INIT_NAME = "meshlet-init"
@@ -201,7 +202,12 @@ def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
     Excluded: the proxy's own UID (or it would loop into itself), the sidecar's own ports
     inbound (probes and scrapes reach the health port directly; the loopback-only ones are then
     refused by the kernel), loopback destinations and DNS outbound. Were a sidecar port redirected
-    all the same, the inbound listener refuses it too (meshlet.proxy.inbound).
+    all the same, the inbound listener refuses it too (meshlet.proxy.inbound). Also excluded:
+    connections the node agent already split in the kernel: its connect4 hook marks them
+    (`BYPASS_MARK`) as it rewrites them, so the sidecar never splits them a second time. Only
+    the agent's hook sets that mark (an app would need NET_ADMIN to set SO_MARK, and with it
+    could flush these rules anyway), and the set of kernel-handled hosts can change at any
+    time without touching the Pod: the mark travels with each connection.
     """
     return "\n".join([
         "set -eu",
@@ -223,6 +229,7 @@ def _family_rules(ipt: str, command: str, loopback: str, cfg: InjectConfig, bypa
         *(f"{ipt} -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
         f"{ipt} -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
         f"{ipt} -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
+        f"{ipt} -A {outbound} -m mark --mark {BYPASS_MARK:#x} -j RETURN",
         f"{ipt} -A {outbound} -d {loopback} -j RETURN",
         f"{ipt} -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
         *(f"{ipt} -A {outbound} -p tcp --dport {port} -j RETURN" for port in bypass.outbound),

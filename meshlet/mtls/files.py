@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshlet.mtls.ca import Authority, Issued
+from meshlet.mtls.errors import IdentityError
 from meshlet.mtls.verify import identity_of
 
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
@@ -25,8 +26,6 @@ CERT, KEY, BUNDLE = "cert.pem", "key.pem", "ca.pem"
 IDENTITY_FILES = (CERT, KEY, BUNDLE)
 
 
-class IdentityError(Exception):
-    """A CA or identity dir that cannot be used; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ NO_LABELS: Labels = {}
 
 
 def selects(mtls: Mtls, workload_labels: Labels) -> bool:
-    """A selector picks a workload whose labels include every one of its label: value pairs."""
-    return bool(mtls.selector) and all(workload_labels.get(key) == value for key, value in mtls.selector)
+    """A selector picks the workloads whose labels it matches (Kubernetes' label selector rules)."""
+    return mtls.selector is not None and mtls.selector.matches(workload_labels)
 
 
 def inbound_mtls(policies: Sequence[TrafficPolicy], workload_labels: Labels = NO_LABELS) -> Mtls:
@@ -35,7 +35,7 @@ def inbound_mtls(policies: Sequence[TrafficPolicy], workload_labels: Labels = NO
         mtls = policy.mtls
         if mtls is None:
             continue
-        if not mtls.selector:
+        if mtls.selector is None:
             default = default or mtls
         elif selects(mtls, workload_labels):
             return mtls
@@ -49,14 +49,10 @@ def mtls_conflicts(policies: Sequence[TrafficPolicy], workload_labels: Labels) -
         return []
     labels = ", ".join(f"{k}={v}" for k, v in sorted(workload_labels.items()))
     return [
-        PolicyError(mtls.mark, f"mtls.selector {_show(mtls)} and the one at {chosen[0].mark} {_show(chosen[0])} "
+        PolicyError(mtls.mark, f"mtls.selector {mtls.selector} and the one at {chosen[0].mark} {chosen[0].selector} "
                     f"both select this workload ({labels}); make them select different workloads")
         for mtls in chosen[1:]
     ]
-
-
-def _show(mtls: Mtls) -> str:
-    return "{" + ", ".join(f"{k}={v}" for k, v in mtls.selector) + "}"
 
 
 def mesh_backends(policies: Sequence[TrafficPolicy]) -> dict[tuple[str, int], Backend]:

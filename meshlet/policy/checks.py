@@ -7,10 +7,8 @@ collects every problem of a file in one pass.
 from __future__ import annotations
 
 from meshlet.policy.errors import PolicyError
-from meshlet.policy.model import Mark, PolicySet, QoSPolicy, Route, TrafficPolicy
+from meshlet.policy.model import LabelSelector, Mark, PolicySet, QoSPolicy, Route, TrafficPolicy
 from meshlet.policy.values import is_hostname
-
-Labels = tuple[tuple[str, str], ...]
 
 
 def check_policy(policy: TrafficPolicy | QoSPolicy) -> list[PolicyError]:
@@ -59,6 +57,9 @@ def check_traffic(policy: TrafficPolicy) -> list[PolicyError]:
             if backend.tls == "mesh":
                 error(backend.mark, f"backend {backend.name!r}: dataplane kernel cannot originate mesh TLS; "
                       "use dataplane: proxy or auto")
+            if backend.protocol != "auto":
+                error(backend.mark, f"backend {backend.name!r}: dataplane kernel passes the client's bytes as they "
+                      f"are and cannot speak protocol {backend.protocol}; use protocol: auto, or dataplane: proxy")
     return errors
 
 
@@ -141,8 +142,8 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
     errors: list[PolicyError] = []
     names: dict[tuple[str, str, str], Mark] = {}
     hosts: dict[tuple[str, str], Mark] = {}
-    interfaces: dict[str, Mark] = {}
-    peer_auth: dict[tuple[str, Labels], Mark] = {}
+    interfaces: dict[tuple[str, object], Mark] = {}
+    peer_auth: dict[tuple[str, LabelSelector | None], Mark] = {}
     for policy in policies:
         meta = policy.metadata
         key = (policy.kind, meta.namespace, meta.name)
@@ -159,14 +160,16 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
             if policy.mtls is not None:
                 errors.extend(_check_mtls_scope(policy, peer_auth))
         else:
-            if policy.interface in interfaces:
+            # Policies for other nodes (another nodeSelector) may name the same interface.
+            shaped = (policy.interface, policy.node_selector)
+            if shaped in interfaces:
                 errors.append(PolicyError(policy.mark, f"interface {policy.interface!r} already has a QoSPolicy "
-                                          f"(at {interfaces[policy.interface]})"))
-            interfaces.setdefault(policy.interface, policy.mark)
+                                          f"for the same nodes (at {interfaces[shaped]})"))
+            interfaces.setdefault(shaped, policy.mark)
     return errors
 
 
-def _check_mtls_scope(policy: TrafficPolicy, seen: dict[tuple[str, Labels], Mark]) -> list[PolicyError]:
+def _check_mtls_scope(policy: TrafficPolicy, seen: dict[tuple[str, LabelSelector | None], Mark]) -> list[PolicyError]:
     """One namespace default, and one mtls section per selector: never "whichever came first"."""
     assert policy.mtls is not None
     key = (policy.metadata.namespace, policy.mtls.selector)
@@ -174,10 +177,9 @@ def _check_mtls_scope(policy: TrafficPolicy, seen: dict[tuple[str, Labels], Mark
         seen[key] = policy.mtls.mark
         return []
     first = seen[key]
-    if not policy.mtls.selector:
+    if policy.mtls.selector is None:
         message = (f"mtls: namespace {policy.metadata.namespace!r} already has a default mtls section (at {first}); "
                    "keep one, or give this one a selector: {matchLabels: {...}} naming its workloads")
     else:
-        labels = ", ".join(f"{k}={v}" for k, v in policy.mtls.selector)
-        message = f"mtls.selector {{{labels}}} is already used by the mtls section at {first}; keep one"
+        message = f"mtls.selector {policy.mtls.selector} is already used by the mtls section at {first}; keep one"
     return [PolicyError(policy.mtls.mark, message)]

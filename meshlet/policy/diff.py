@@ -20,6 +20,7 @@ def _by(items: Iterable[T], key) -> dict[str, T]:
 
 def _backend_text(backend: Backend) -> str:
     extra = f" tls={backend.tls}" if backend.tls != "none" else ""
+    extra += f" protocol={backend.protocol}" if backend.protocol != "auto" else ""
     return f"{backend.address}{extra}"
 
 

@@ -4,8 +4,9 @@ A file may hold several Kubernetes-style documents separated by `---`. Loading i
 nothing: `load_text` either returns a complete `PolicySet` or raises `PolicyInvalid` with
 every error of the file, so a policy that fails validation can never be half-applied.
 
-`FIELDS` is the single table of which fields each mapping accepts (and which are required);
-the CRD schema generator reads it too, so the two cannot drift.
+`FIELDS` is the single table of which fields each mapping accepts (and which are required),
+`DEPRECATED` of the old names still read with a warning; the CRD schema generator reads both, so
+the two cannot drift.
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ from pathlib import Path
 import yaml
 
 from meshlet.policy import checks
-from meshlet.policy.errors import PolicyError, PolicyInvalid
+from meshlet.policy.errors import PolicyError, PolicyInvalid, PolicyWarning
 from meshlet.policy.model import (
     API_VERSION,
+    BACKEND_PROTOCOLS,
     BACKEND_TLS,
     DATAPLANES,
     MTLS_MODES,
     RETRY_CONDITIONS,
+    SELECTOR_OPERATORS,
     Analysis,
     Backend,
+    LabelRequirement,
+    LabelSelector,
     Mark,
     Match,
     Metadata,
@@ -46,8 +51,6 @@ from meshlet.policy.reader import Reader
 from meshlet.policy.values import (
     parse_address,
     parse_duration,
-    parse_label_key,
-    parse_label_value,
     parse_rate,
     parse_spiffe_id,
     parse_vip,
@@ -61,7 +64,7 @@ FIELDS: dict[str, dict[str, bool]] = {
         "host": True, "dataplane": False, "backends": True, "routes": True, "mtls": False, "qos": False,
         "vip": False,
     },
-    "backend": {"address": True, "tls": False, "identity": False},
+    "backend": {"address": True, "tls": False, "identity": False, "protocol": False},
     "route": {
         "name": True, "match": False, "to": True, "sticky": False, "timeout": False, "retries": False, "rollout": False,
     },
@@ -75,13 +78,18 @@ FIELDS: dict[str, dict[str, bool]] = {
     "stringMatch": {"exact": False, "prefix": False, "regex": False},
     "target": {"backend": True, "weight": False},
     "sticky": {"header": False, "cookie": False, "source": False},
-    "retries": {"attempts": True, "on": False},
+    "retries": {"attempts": True, "retryOn": False},
     "mtls": {"mode": False, "allow": False, "selector": False},
-    "selector": {"matchLabels": True},
     "qos": {"class": True},
-    "QoSPolicy.spec": {"interface": True, "classes": True},
-    "qosClass": {"priority": True, "rate": True, "ceil": False, "ports": False, "slo": False},
+    "QoSPolicy.spec": {"interface": True, "classes": True, "nodeSelector": False},
+    "qosClass": {"priority": True, "rate": True, "ceil": False, "ports": False, "slo": False, "podSelector": False},
     "slo": {"p99": True},
+    "labelSelector": {"matchLabels": False, "matchExpressions": False},
+    "labelRequirement": {"key": True, "operator": True, "values": False},
+}
+# Deprecated field names, still read: section → {old name: (new name, why it changed)}.
+DEPRECATED: dict[str, dict[str, tuple[str, str]]] = {
+    "retries": {"on": ("retryOn", "YAML 1.1 readers such as kubectl's read a bare `on:` key as the boolean true")},
 }
 KINDS: tuple[str, ...] = ("TrafficPolicy", "QoSPolicy")
 
@@ -91,18 +99,20 @@ def load_files(paths: Iterable[str | Path]) -> PolicySet:
     traffic: list[TrafficPolicy] = []
     qos: list[QoSPolicy] = []
     errors: list[PolicyError] = []
+    warnings: list[PolicyWarning] = []
     for path in paths:
         try:
             loaded = load_file(path)
         except PolicyInvalid as e:
             errors.extend(e.errors)
+            warnings.extend(e.warnings)
             continue
         traffic.extend(loaded.traffic)
         qos.extend(loaded.qos)
-    if errors:
-        raise PolicyInvalid(errors)
-    policies = PolicySet(tuple(traffic), tuple(qos))
-    _raise_if(checks.check_set(policies))
+        warnings.extend(loaded.warnings)
+    _raise_if(errors, warnings)
+    policies = PolicySet(tuple(traffic), tuple(qos), tuple(warnings))
+    _raise_if(checks.check_set(policies), warnings)
     return policies
 
 
@@ -149,15 +159,20 @@ def load_text(text: str, file: str = "<input>") -> PolicySet:
         reader.error(Mark(file, 1, 1), "malformed YAML: nesting too deep")
     if documents == 0 and not reader.errors:
         reader.error(Mark(file, 1, 1), "empty policy file: expected at least one TrafficPolicy or QoSPolicy document")
-    _raise_if(sorted(reader.errors, key=lambda e: (e.mark.line, e.mark.column)))
-    policies = PolicySet(tuple(traffic), tuple(qos))
-    _raise_if(checks.check_set(policies))
+    warnings = sorted(reader.warnings, key=_position)
+    _raise_if(sorted(reader.errors, key=_position), warnings)
+    policies = PolicySet(tuple(traffic), tuple(qos), tuple(warnings))
+    _raise_if(checks.check_set(policies), warnings)
     return policies
 
 
-def _raise_if(errors: list[PolicyError]) -> None:
+def _position(error: PolicyError) -> tuple[int, int]:
+    return error.mark.line, error.mark.column
+
+
+def _raise_if(errors: list[PolicyError], warnings: list[PolicyWarning]) -> None:
     if errors:
-        raise PolicyInvalid(errors)
+        raise PolicyInvalid(errors, warnings)
 
 
 # -- documents -----------------------------------------------------------------------------------
@@ -240,8 +255,9 @@ def _backends(r: Reader, node: yaml.Node, where: str) -> tuple[Backend, ...] | N
         address = r.parsed(fields["address"], f"{at}.address", parse_address)
         tls = r.choice(fields["tls"], f"{at}.tls", BACKEND_TLS) if "tls" in fields else "none"
         identity = r.parsed(fields["identity"], f"{at}.identity", parse_spiffe_id) if "identity" in fields else None
-        if address is not None and tls is not None:
-            out.append(Backend(name, address, tls, identity, mark=r.mark(key_node)))
+        protocol = r.choice(fields["protocol"], f"{at}.protocol", BACKEND_PROTOCOLS) if "protocol" in fields else "auto"
+        if address is not None and tls is not None and protocol is not None:
+            out.append(Backend(name, address, tls, identity, protocol, mark=r.mark(key_node)))
     return tuple(out)
 
 
@@ -380,16 +396,17 @@ def _sticky(r: Reader, node: yaml.Node, where: str) -> Sticky | None:
 
 
 def _retries(r: Reader, node: yaml.Node, where: str) -> Retries | None:
-    fields = r.mapping(node, where, FIELDS["retries"])
+    fields = r.mapping(node, where, FIELDS["retries"], DEPRECATED["retries"])
     if fields is None or "attempts" not in fields:
         return None
     attempts = r.integer(fields["attempts"], f"{where}.attempts", low=1, high=10)
     on: tuple[str, ...] = ("connect-failure",)
-    if "on" in fields:
-        conditions = r.sequence(fields["on"], f"{where}.on")
+    if "retryOn" in fields:
+        at = f"{where}.retryOn"
+        conditions = r.sequence(fields["retryOn"], at)
         if conditions is None:
             return None
-        on = tuple(filter(None, (r.choice(c, f"{where}.on[{i}]", RETRY_CONDITIONS) for i, c in enumerate(conditions))))
+        on = tuple(filter(None, (r.choice(c, f"{at}[{i}]", RETRY_CONDITIONS) for i, c in enumerate(conditions))))
         if len(on) != len(conditions):
             return None
     if attempts is None:
@@ -453,33 +470,14 @@ def _mtls(r: Reader, node: yaml.Node, where: str) -> Mtls | None:
             identity = r.parsed(item, f"{where}.allow[{i}]", parse_spiffe_id)
             if identity is not None:
                 allow.append(identity)
-    selector = _selector(r, fields["selector"], f"{where}.selector") if "selector" in fields else ()
-    if mode is None or selector is None:
-        return None
-    return Mtls(mode, tuple(allow), selector, mark=r.mark(node))
-
-
-def _selector(r: Reader, node: yaml.Node, where: str) -> tuple[tuple[str, str], ...] | None:
-    """`{matchLabels: {app: reviews}}`: the workloads whose labels include all of these."""
-    fields = r.mapping(node, where, FIELDS["selector"])
-    if fields is None or "matchLabels" not in fields:
-        return None
-    entries = r.entries(fields["matchLabels"], f"{where}.matchLabels")
-    if entries is None:
-        return None
-    if not entries:
-        r.error(fields["matchLabels"], f"{where}.matchLabels: name at least one label, or leave out the selector "
+    selector = _selector(r, fields["selector"], f"{where}.selector") if "selector" in fields else None
+    if selector is not None and not (selector.match_labels or selector.match_expressions):
+        r.error(fields["selector"], f"{where}.selector: name at least one label, or leave out the selector "
                 "for the namespace's default")
         return None
-    labels = []
-    for key, (key_node, value_node) in entries.items():
-        name = r.parsed(key_node, f"{where}.matchLabels", parse_label_key)
-        value = r.parsed(value_node, f"{where}.matchLabels.{key}", parse_label_value, ints_ok=True)
-        if name is not None and value is not None:
-            labels.append((name, value))
-    if len(labels) != len(entries):
+    if mode is None or ("selector" in fields and selector is None):
         return None
-    return tuple(sorted(labels))
+    return Mtls(mode, tuple(allow), selector, mark=r.mark(node))
 
 
 # -- QoSPolicy -----------------------------------------------------------------------------------
@@ -493,9 +491,10 @@ def _qos_policy(r: Reader, node: yaml.Node, metadata: Metadata, where: str) -> Q
     if interface is not None and (len(interface) > 15 or "/" in interface or " " in interface):
         r.error(spec["interface"], f"{where}.interface: {interface!r} is not a valid interface name")
     classes = _qos_classes(r, spec["classes"], f"{where}.classes") if "classes" in spec else None
-    if interface is None or classes is None:
+    nodes = _selector(r, spec["nodeSelector"], f"{where}.nodeSelector") if "nodeSelector" in spec else None
+    if interface is None or classes is None or ("nodeSelector" in spec and nodes is None):
         return None
-    return QoSPolicy(metadata, interface, classes, mark=r.mark(node))
+    return QoSPolicy(metadata, interface, classes, nodes, mark=r.mark(node))
 
 
 def _qos_classes(r: Reader, node: yaml.Node, where: str) -> tuple[QosClass, ...] | None:
@@ -526,7 +525,50 @@ def _qos_classes(r: Reader, node: yaml.Node, where: str) -> tuple[QosClass, ...]
             if slo_fields and "p99" in slo_fields:
                 p99 = r.parsed(slo_fields["p99"], f"{at}.slo.p99", parse_duration, ints_ok=True)
                 slo = Slo(p99, mark=r.mark(fields["slo"])) if p99 is not None else None
-        if priority is None or rate is None or ceil is None:
+        pods = _selector(r, fields["podSelector"], f"{at}.podSelector") if "podSelector" in fields else None
+        if priority is None or rate is None or ceil is None or ("podSelector" in fields and pods is None):
             continue
-        out.append(QosClass(name, priority, rate, ceil, tuple(ports), slo, mark=r.mark(key_node)))
+        out.append(QosClass(name, priority, rate, ceil, tuple(ports), slo, pods, mark=r.mark(key_node)))
     return tuple(out)
+
+
+def _selector(r: Reader, node: yaml.Node, where: str) -> LabelSelector | None:
+    """A Kubernetes label selector: `{matchLabels: {tier: web}, matchExpressions: [{key, operator, values}]}`."""
+    fields = r.mapping(node, where, FIELDS["labelSelector"])
+    if fields is None:
+        return None
+    before = len(r.errors)
+    entries = r.entries(fields["matchLabels"], f"{where}.matchLabels") if "matchLabels" in fields else None
+    labels: list[tuple[str, str]] = []
+    for key, (_, value) in (entries or {}).items():
+        text = r.string(value, f"{where}.matchLabels.{key}", scalars_ok=True)
+        if text is not None:
+            labels.append((key, text))
+    expressions = fields.get("matchExpressions")
+    items = r.sequence(expressions, f"{where}.matchExpressions") if expressions is not None else None
+    requirements = []
+    for i, item in enumerate(items or []):
+        requirement = _requirement(r, item, f"{where}.matchExpressions[{i}]")
+        if requirement is not None:
+            requirements.append(requirement)
+    if len(r.errors) > before:
+        return None
+    return LabelSelector(tuple(labels), tuple(requirements), mark=r.mark(node))
+
+
+def _requirement(r: Reader, node: yaml.Node, where: str) -> LabelRequirement | None:
+    fields = r.mapping(node, where, FIELDS["labelRequirement"])
+    if fields is None or not {"key", "operator"} <= fields.keys():
+        return None
+    key = r.string(fields["key"], f"{where}.key")
+    operator = r.choice(fields["operator"], f"{where}.operator", SELECTOR_OPERATORS)
+    values = [v for _, v in r.string_list(fields["values"], f"{where}.values") or []] if "values" in fields else []
+    if key is None or operator is None:
+        return None
+    if operator in ("In", "NotIn") and not values:
+        r.error(node, f"{where}: operator {operator} needs values")
+        return None
+    if operator in ("Exists", "DoesNotExist") and values:
+        r.error(fields["values"], f"{where}: operator {operator} takes no values")
+        return None
+    return LabelRequirement(key, operator, tuple(values), mark=r.mark(node))

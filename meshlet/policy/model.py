@@ -7,20 +7,37 @@ still point the user at a file, line and column.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from meshlet.policy.errors import PolicyWarning
 
 API_VERSION = "meshlet.dev/v1alpha1"
 
 Dataplane = Literal["proxy", "kernel", "auto"]
 MtlsMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
 BackendTls = Literal["none", "mesh"]
-RetryCondition = Literal["connect-failure", "reset", "5xx", "gateway-error"]
+BackendProtocol = Literal["http1", "http2", "auto"]
+RetryCondition = Literal[
+    "connect-failure", "reset", "5xx", "gateway-error",
+    "unavailable", "resource-exhausted", "cancelled", "deadline-exceeded", "internal",
+]
 
 DATAPLANES: tuple[str, ...] = ("proxy", "kernel", "auto")
 MTLS_MODES: tuple[str, ...] = ("STRICT", "PERMISSIVE", "DISABLE")
 BACKEND_TLS: tuple[str, ...] = ("none", "mesh")
-RETRY_CONDITIONS: tuple[str, ...] = ("connect-failure", "reset", "5xx", "gateway-error")
+# auto: the client's own protocol; http2 with tls none is h2c with prior knowledge (RFC 9113 §3.3).
+BACKEND_PROTOCOLS: tuple[str, ...] = ("http1", "http2", "auto")
+# gRPC status code → the retry condition it matches (Istio's retryOn names, gRPC's codes).
+GRPC_RETRY_CONDITIONS: dict[int, str] = {
+    14: "unavailable", 8: "resource-exhausted", 1: "cancelled", 4: "deadline-exceeded", 13: "internal",
+}
+RETRY_CONDITIONS: tuple[str, ...] = ("connect-failure", "reset", "5xx", "gateway-error",
+                                     *GRPC_RETRY_CONDITIONS.values())
+SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+SELECTOR_OPERATORS: tuple[str, ...] = ("In", "NotIn", "Exists", "DoesNotExist")
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -58,6 +75,7 @@ class Backend:
     address: Address
     tls: BackendTls = "none"
     identity: str | None = None
+    protocol: BackendProtocol = "auto"
     mark: Mark = _mark()
 
 
@@ -103,6 +121,8 @@ class Sticky:
 
 @dataclass(frozen=True, slots=True)
 class Retries:
+    """`on` holds what YAML writes as `retryOn` (`on` is its deprecated old name)."""
+
     attempts: int
     on: tuple[RetryCondition, ...] = ("connect-failure",)
     mark: Mark = _mark()
@@ -148,18 +168,6 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class Mtls:
-    """A workload's inbound mTLS mode and allow list, like Istio's PeerAuthentication: with a
-    `selector` (label → value, all must match) it applies to the workloads carrying those
-    labels; without one it is the namespace's default."""
-
-    mode: MtlsMode = "PERMISSIVE"
-    allow: tuple[str, ...] = ()
-    selector: tuple[tuple[str, str], ...] = ()  # sorted; empty: the namespace default
-    mark: Mark = _mark()
-
-
-@dataclass(frozen=True, slots=True)
 class Metadata:
     name: str
     namespace: str = "default"
@@ -189,6 +197,56 @@ class TrafficPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class LabelRequirement:
+    key: str
+    operator: SelectorOperator
+    values: tuple[str, ...] = ()
+    mark: Mark = _mark()
+
+    def holds(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        inside = labels.get(self.key) in self.values
+        return inside if self.operator == "In" else not inside
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSelector:
+    """Kubernetes' label selector (matchLabels and matchExpressions, all must hold); an empty
+    selector selects everything, as in Kubernetes."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[LabelRequirement, ...] = ()
+    mark: Mark = _mark()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels) and all(
+            r.holds(labels) for r in self.match_expressions
+        )
+
+    def __str__(self) -> str:
+        """`{app=reviews, tier In (web,api)}`, for messages that name a selector."""
+        terms = [f"{k}={v}" for k, v in self.match_labels]
+        for r in self.match_expressions:
+            terms.append(f"{r.key} {r.operator}" + (f" ({','.join(r.values)})" if r.values else ""))
+        return "{" + ", ".join(terms) + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class Mtls:
+    """A workload's inbound mTLS mode and allow list, like Istio's PeerAuthentication: with a
+    `selector` it applies to the workloads whose labels it matches; without one it is the
+    namespace's default."""
+
+    mode: MtlsMode = "PERMISSIVE"
+    allow: tuple[str, ...] = ()
+    selector: LabelSelector | None = None  # None: the namespace default
+    mark: Mark = _mark()
+
+
+@dataclass(frozen=True, slots=True)
 class Slo:
     p99: float  # seconds
     mark: Mark = _mark()
@@ -202,6 +260,7 @@ class QosClass:
     ceil: int  # bits per second
     ports: tuple[int, ...] = ()
     slo: Slo | None = None
+    pod_selector: LabelSelector | None = None  # the node's Pods whose traffic is this class
     mark: Mark = _mark()
 
 
@@ -210,7 +269,14 @@ class QoSPolicy:
     metadata: Metadata
     interface: str
     classes: tuple[QosClass, ...]
+    node_selector: LabelSelector | None = None  # the nodes it shapes (in a cluster); None: every node
     mark: Mark = _mark()
+
+    def class_of(self, labels: Mapping[str, str]) -> str | None:
+        """The class a Pod with these labels is in: of the classes whose podSelector selects
+        it, the one with the lowest priority number (then name); None if none does."""
+        chosen = [c for c in self.classes if c.pod_selector is not None and c.pod_selector.matches(labels)]
+        return min(chosen, key=lambda c: (c.priority, c.name)).name if chosen else None
 
     kind = "QoSPolicy"
 
@@ -220,10 +286,12 @@ Policy = TrafficPolicy | QoSPolicy
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
-    """Everything one load produced: the documents of one or more files, in order."""
+    """Everything one load produced: the documents of one or more files, in order, and the
+    warnings (deprecated spellings) that did not stop it."""
 
     traffic: tuple[TrafficPolicy, ...] = ()
     qos: tuple[QoSPolicy, ...] = ()
+    warnings: tuple[PolicyWarning, ...] = field(default=(), compare=False)
 
     def __iter__(self):
         yield from self.traffic

@@ -15,10 +15,11 @@ from typing import TypeVar
 
 import yaml
 
-from meshlet.policy.errors import PolicyError
+from meshlet.policy.errors import PolicyError, PolicyWarning
 from meshlet.policy.model import Mark
 
 T = TypeVar("T")
+Renamed = tuple[str, str]  # a deprecated field's new name, and why it changed
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _STR = "tag:yaml.org,2002:str"
@@ -46,11 +47,13 @@ def describe(node: yaml.Node) -> str:
 
 
 class Reader:
-    """Reads one file's nodes; every problem becomes a PolicyError in `errors`."""
+    """Reads one file's nodes; every problem becomes a PolicyError in `errors`, every deprecated
+    spelling a PolicyWarning in `warnings`."""
 
     def __init__(self, file: str):
         self.file = file
         self.errors: list[PolicyError] = []
+        self.warnings: list[PolicyWarning] = []
 
     def mark(self, node: yaml.Node) -> Mark:
         return Mark(self.file, node.start_mark.line + 1, node.start_mark.column + 1)
@@ -61,20 +64,34 @@ class Reader:
         printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         self.errors.append(PolicyError(mark, printable))
 
+    def warn(self, at: yaml.Node, message: str) -> None:
+        self.warnings.append(PolicyWarning(self.mark(at), message))
+
     def type_error(self, node: yaml.Node, where: str, expected: str) -> None:
         self.error(node, f"{where}: expected {expected}, got {describe(node)}")
 
     # -- containers ---------------------------------------------------------------------------
 
     def mapping(
-        self, node: yaml.Node, where: str, fields: Mapping[str, bool]
+        self, node: yaml.Node, where: str, fields: Mapping[str, bool], renamed: Mapping[str, Renamed] | None = None
     ) -> dict[str, yaml.Node] | None:
-        """A mapping with a fixed set of fields (name → required); unknown fields are errors."""
+        """A mapping with a fixed set of fields (name → required); unknown fields are errors.
+
+        A field written under its old name (`renamed`: old → new name and why) is found under the
+        new one, with a warning; both names at once are an error, as the two could disagree.
+        """
         entries = self.entries(node, where)
         if entries is None:
             return None
         found: dict[str, yaml.Node] = {}
         for key, (key_node, value) in entries.items():
+            if renamed and key in renamed:
+                new, why = renamed[key]
+                if new in entries:
+                    self.error(key_node, f"{where}: give {new!r} only, not also {key!r} (its deprecated old name)")
+                    continue
+                self.warn(key_node, f"{where}: {key!r} is deprecated, write {new!r}: {why}")
+                key = new
             if key not in fields:
                 self.error(key_node, f"{where}: unknown field {key!r}{_suggest(key, fields)}")
             else:

@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshlet.policy import PolicyInvalid
+from meshlet.policy.errors import PolicyWarning
 from meshlet.proxy.httpserver import Handler, Reply, Request, Stream
 from meshlet.proxy.state import Applied, PolicyState, reweigh
 from meshlet.rollout.api import BadCall, parse_call
@@ -64,6 +65,11 @@ def read_only(handler: Handler) -> Handler:
         return await handler(request)
 
     return handle
+
+
+def _warnings(warnings: tuple[PolicyWarning, ...]) -> dict[str, list[str]]:
+    """`{"warnings": ["policy:LINE:COL: warning: message", ...]}`, or nothing when there are none."""
+    return {"warnings": [str(w) for w in warnings]} if warnings else {}
 
 
 class AdminApi:
@@ -131,7 +137,7 @@ class AdminApi:
                 return _json(400, {"errors": [f"{POLICY_FILE}: {e}"]})
             except PolicyInvalid as e:
                 count("invalid")
-                return _json(400, {"errors": [str(error) for error in e.errors]})
+                return _json(400, {"errors": [str(error) for error in e.errors], **_warnings(e.warnings)})
             notes: list[str] = []
             if self.rollouts is not None:  # keep or cancel each rollout, then compile its weights in
                 notes = self.rollouts.reconcile(applied.policies)
@@ -142,8 +148,10 @@ class AdminApi:
                 count("error")
                 return _json(500, {"errors": [str(e)]})
         count("ok")
-        # "rollouts": what the apply did to running rollouts (kept, cancelled, ended), when any ran
-        return _json(200, {"generation": applied.table.generation, **({"rollouts": notes} if notes else {})})
+        # "rollouts": what the apply did to running rollouts (kept, cancelled, ended), when any ran;
+        # "warnings": what the loader said of the text (deprecated fields), when it said anything
+        return _json(200, {"generation": applied.table.generation, **({"rollouts": notes} if notes else {}),
+                           **_warnings(applied.warnings)})
 
     async def install(self, applied: Applied) -> None:
         """Hand to every worker (raises DistributionError), then swap here: the one way in."""

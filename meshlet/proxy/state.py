@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from meshlet.mtls.inbound import NO_LABELS, Labels
 from meshlet.mtls.requirements import require_identity
 from meshlet.policy import PolicyError, PolicyInvalid, load_text
+from meshlet.policy.errors import PolicyWarning
 from meshlet.policy.model import NOWHERE, TrafficPolicy
 from meshlet.rollout.weights import Weights, apply_weights
 from meshlet.routing import RoutingTable, compile_table
@@ -24,6 +25,7 @@ class Applied:
     source: str
     policies: tuple[TrafficPolicy, ...] = ()  # as written, before rollout weights
     weights: Weights = field(default_factory=dict)  # rollout overlay compiled into `table`
+    warnings: tuple[PolicyWarning, ...] = ()  # what the loader said of `source` (deprecated fields)
 
 
 def compile_policy(text: str, generation: int, file: str = "<policy>", weights: Weights | None = None) -> Applied:
@@ -35,20 +37,22 @@ def compile_policy(text: str, generation: int, file: str = "<policy>", weights: 
     """
     if not text.strip():
         return _compile((), "", generation, weights or {})
-    return _compile(load_text(text, file).traffic, text, generation, weights or {})
+    loaded = load_text(text, file)
+    return _compile(loaded.traffic, text, generation, weights or {}, loaded.warnings)
 
 
 def reweigh(applied: Applied, weights: Weights, generation: int) -> Applied:
     """The same policy with another rollout overlay, as a new generation."""
-    return _compile(applied.policies, applied.source, generation, weights)
+    return _compile(applied.policies, applied.source, generation, weights, applied.warnings)
 
 
-def _compile(policies: tuple[TrafficPolicy, ...], text: str, generation: int, weights: Weights) -> Applied:
+def _compile(policies: tuple[TrafficPolicy, ...], text: str, generation: int, weights: Weights,
+             warnings: tuple[PolicyWarning, ...] = ()) -> Applied:
     try:
         table = compile_table(apply_weights(policies, weights), generation)
     except ValueError as e:
-        raise PolicyInvalid([PolicyError(NOWHERE, str(e))]) from None
-    return Applied(table, text, policies, weights)
+        raise PolicyInvalid([PolicyError(NOWHERE, str(e))], warnings) from None
+    return Applied(table, text, policies, weights, warnings)
 
 
 class PolicyState:

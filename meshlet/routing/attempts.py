@@ -3,10 +3,11 @@ engines apply to a `Decision` (Envoy's vocabulary: a retry goes to another host 
 
 from __future__ import annotations
 
-from meshlet.policy.model import IDEMPOTENT_METHODS, Backend, Route
+from meshlet.policy.model import GRPC_RETRY_CONDITIONS, IDEMPOTENT_METHODS, Backend, Route
 from meshlet.routing.request import Decision
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
+GRPC_CONDITIONS = frozenset(GRPC_RETRY_CONDITIONS.values())
 
 
 def candidates(decision: Decision) -> list[Backend]:
@@ -17,9 +18,15 @@ def candidates(decision: Decision) -> list[Backend]:
 
 
 def attempts_for(route: Route, method: str, condition: str) -> int:
-    """How many attempts in all a failure of kind `condition` allows (1: no retry)."""
+    """How many attempts in all a failure of kind `condition` allows (1: no retry).
+
+    HTTP conditions retry idempotent methods only. gRPC's apply to any: every gRPC call is a
+    POST, and the user chose which statuses are safe to retry by listing them (as in Istio).
+    """
     retries = route.retries
-    if retries is None or method not in IDEMPOTENT_METHODS or condition not in retries.on:
+    if retries is None or condition not in retries.on:
+        return 1
+    if method not in IDEMPOTENT_METHODS and condition not in GRPC_CONDITIONS:
         return 1
     return 1 + retries.attempts
 
@@ -31,12 +38,8 @@ def status_conditions(code: int) -> tuple[str, ...]:
     return ("5xx",) if code >= 500 else ()
 
 
-# gRPC status codes a retry condition names (grpc/doc/statuscodes.md), as Envoy's retry_on does.
-GRPC_RETRY_CONDITIONS = {1: "cancelled", 4: "deadline-exceeded", 8: "resource-exhausted", 13: "internal",
-                         14: "unavailable"}
-
-
 def grpc_conditions(grpc_status: int) -> tuple[str, ...]:
-    """The retry conditions a gRPC status (in trailers, or a trailers-only response) matches."""
+    """The retry conditions a gRPC status matches, from the response trailers or a trailers-only
+    response (gRPC answers errors with HTTP 200, so `5xx` never sees them)."""
     condition = GRPC_RETRY_CONDITIONS.get(grpc_status)
     return (condition,) if condition else ()

@@ -37,7 +37,7 @@ class AccelCollector(Collector):
     def __init__(
         self,
         sockmap: Callable[[], SockmapReading] | None = None,
-        kernel_connections: Callable[[], Mapping[tuple[str, str], int]] | None = None,
+        kernel_connections: Callable[[], Mapping[tuple[str, str, str], int]] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._sockmap = sockmap
@@ -56,8 +56,8 @@ class AccelCollector(Collector):
             yield families["sockets"]
             yield families["bytes"]
         if self._kernel_connections is not None and (counts := _read(self._kernel_connections, "split")) is not None:
-            for (route, backend), value in sorted(counts.items()):
-                families["connections"].add_metric([route, backend], value)
+            for labels, value in sorted(counts.items()):
+                families["connections"].add_metric(list(labels), value)
             yield families["connections"]
 
     def _families(self) -> dict[str, Metric]:
@@ -72,8 +72,8 @@ class AccelCollector(Collector):
         if self._kernel_connections is not None:
             families["connections"] = CounterMetricFamily(
                 KERNEL_CONNECTIONS.removesuffix("_total"),
-                "Connections the connect4 hook sent to a backend (dataplane kernel).",
-                labels=("route", "backend"),
+                "Connections the connect4 hook sent to a backend (dataplane kernel), by the policy's namespace.",
+                labels=("namespace", "route", "backend"),
             )
         return families
 

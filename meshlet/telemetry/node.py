@@ -29,23 +29,42 @@ RETRANSMITS = "meshlet_tcp_retransmits_total"
 MISSED = "meshlet_ebpf_missed_events_total"
 QOS_RATE = "meshlet_qos_class_rate_bits"
 QOS_ADJUSTMENTS = "meshlet_qos_adjustments_total"
+AGENT_POLICY_ERRORS = "meshlet_agent_policy_errors_total"
+AGENT_HOOKED_CGROUPS = "meshlet_agent_hooked_cgroups"
 
 _HISTOGRAMS: dict[str, tuple[str, str]] = {
     "connect_latency": (CONNECT_LATENCY, "TCP connect latency (SYN sent to established), measured in the kernel."),
     "srtt": (SRTT, "Smoothed TCP round-trip time per received segment, measured in the kernel."),
 }
-LABELS = ("port", "direction")
+# `port` 0 (exported as "") is a known workload's traffic on ports no policy names; `namespace`
+# and `workload` are "" where the socket belongs to no Pod the agent knows.
+LABELS = ("port", "direction", "namespace", "workload")
 
 
 @dataclass(frozen=True, slots=True)
 class TcpHistogram:
-    """One kernel histogram: counts per slot, in slot order, and the sum of observed values."""
+    """One kernel histogram: counts per slot, in slot order, and the sum of observed values.
+
+    `qos_class` is the class the workload's Pods were put in on this node (the QoS loop sums
+    a class's histograms); it is not exported: the class is the policy's word, not the data's."""
 
     name: TcpHistogramName
     port: int
     direction: Direction
     counts: tuple[int, ...]
     sum_seconds: float
+    namespace: str = ""
+    workload: str = ""
+    qos_class: str = ""
+
+    @property
+    def series(self) -> tuple[str, int, str, str, str, str]:
+        """What tells this histogram from the others of a snapshot."""
+        return self.name, self.port, self.direction, self.namespace, self.workload, self.qos_class
+
+    @property
+    def labels(self) -> list[str]:
+        return _labels(self.port, self.direction, self.namespace, self.workload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +72,16 @@ class TcpCounter:
     port: int
     direction: Direction
     value: int
+    namespace: str = ""
+    workload: str = ""
+
+    @property
+    def labels(self) -> list[str]:
+        return _labels(self.port, self.direction, self.namespace, self.workload)
+
+
+def _labels(port: int, direction: str, namespace: str, workload: str) -> list[str]:
+    return [str(port) if port else "", direction, namespace, workload]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +128,24 @@ class TcpCollector(Collector):
             log.warning("skipping TCP metrics: reading the kernel maps failed: %s", e)
             return
         families = {key: HistogramMetricFamily(n, d, labels=LABELS) for key, (n, d) in _HISTOGRAMS.items()}
+        merged: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], float]] = {}
         for h in snapshot.histograms:
             if len(h.counts) != len(self._les):
                 log.warning("skipping %s port %d: %d slots, expected %d", h.name, h.port, len(h.counts), len(self._les))
                 continue
-            families[h.name].add_metric([str(h.port), h.direction], self._cumulative(h.counts), h.sum_seconds)
+            # A workload's Pods may sit in two classes for a moment (a label change): one series.
+            key = (h.name, tuple(h.labels))
+            counts, total = merged.get(key, ((0,) * len(h.counts), 0.0))
+            merged[key] = (tuple(a + b for a, b in zip(counts, h.counts, strict=True)), total + h.sum_seconds)
+        for (name, labels), (counts, total) in merged.items():
+            families[name].add_metric(list(labels), self._cumulative(counts), total)
         yield from families.values()
         retransmits = self._retransmits()
+        summed: dict[tuple[str, ...], int] = {}
         for c in snapshot.retransmits:
-            retransmits.add_metric([str(c.port), c.direction], c.value)
+            summed[tuple(c.labels)] = summed.get(tuple(c.labels), 0) + c.value
+        for labels, value in summed.items():
+            retransmits.add_metric(list(labels), value)
         yield retransmits
         missed = self._missed()
         for m in snapshot.missed:
@@ -145,6 +183,21 @@ class QosMetrics:
         )
 
 
+class AgentMetrics:
+    """What the agent could not do, and how far its hooks reach."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.policy_errors = Counter(
+            AGENT_POLICY_ERRORS,
+            "Policies the agent could not apply (invalid, unresolvable, or refused by the kernel); it kept what ran.",
+            ["kind", "namespace", "policy"], registry=registry,
+        )
+        self.hooked_cgroups = Gauge(
+            AGENT_HOOKED_CGROUPS, "Workload cgroups (a meshed Pod's, or --cgroup) the eBPF hooks are attached to.",
+            registry=registry,
+        )
+
+
 def quantile_range(bounds: Sequence[float], counts: Sequence[int], q: float) -> tuple[float, float] | None:
     """[lower, upper) of the bucket holding quantile `q`, for buckets with these upper bounds
     (the last one may be +Inf) and per-bucket (not cumulative) counts; None when empty."""
@@ -177,16 +230,17 @@ def _le(bound: float) -> str:
 @dataclass(frozen=True, slots=True)
 class PercentileRow:
     metric: str  # "connect" | "srtt"
-    port: int
+    port: int  # 0: any port of the workload
     direction: str
     count: int
     p50: float | None
     p90: float | None
     p99: float | None
+    workload: str = ""  # NAMESPACE/NAME, "" for no known workload
 
 
 def percentile_rows(exposition: str) -> list[PercentileRow]:
-    """p50/p90/p99 of every TCP histogram in a /metrics page, sorted by port."""
+    """p50/p90/p99 of every TCP histogram in a /metrics page, sorted by port then workload."""
     from prometheus_client.parser import text_string_to_metric_families
 
     short = {CONNECT_LATENCY: "connect", SRTT: "srtt"}
@@ -194,16 +248,19 @@ def percentile_rows(exposition: str) -> list[PercentileRow]:
     for family in text_string_to_metric_families(exposition):
         if family.name not in short:
             continue
-        series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
-                key = (sample.labels["port"], sample.labels["direction"])
+                labels = sample.labels
+                namespace, name = labels.get("namespace", ""), labels.get("workload", "")
+                key = (labels["port"], labels["direction"], f"{namespace}/{name}" if name else "")
                 series.setdefault(key, []).append((float(sample.labels["le"]), sample.value))
-        for (port, direction), buckets in series.items():
+        for (port, direction, workload), buckets in series.items():
             buckets.sort()
             bounds = [le for le, _ in buckets]
             cumulative = [int(c) for _, c in buckets]
             counts = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
             p50, p90, p99 = (quantile(bounds, counts, q) for q in (0.5, 0.9, 0.99))
-            rows.append(PercentileRow(short[family.name], int(port), direction, cumulative[-1], p50, p90, p99))
-    return sorted(rows, key=lambda r: (r.port, r.direction, r.metric))
+            rows.append(PercentileRow(short[family.name], int(port or 0), direction, cumulative[-1], p50, p90, p99,
+                                      workload))
+    return sorted(rows, key=lambda r: (r.port, r.workload, r.direction, r.metric))

@@ -46,7 +46,7 @@ def listen_socket(address: Address, reuse_port: bool) -> socket.socket:
     although its old connections linger in TIME_WAIT; SO_REUSEPORT: `--workers` share the port."""
     host = address.host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so accepted sockets get TCP_NODELAY
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:

@@ -194,6 +194,11 @@ class Exchange(Request):
     # --- upstream connection -----------------------------------------------------------------
     def dispatch(self) -> None:
         key, tls = self._pool_key()
+        backend = self.backends[(self.attempt - 1) % len(self.backends)] if self.backends else None
+        if backend is not None and backend.protocol == "http2":
+            self.answer(502, f"meshlet: backend {backend.name!r} speaks HTTP/2 only (protocol: http2); "
+                        "this sidecar relays HTTP/1.1 requests as HTTP/1.1: call it over HTTP/2 (h2c)")
+            return
         if key[2] == ():  # a mesh backend, and this sidecar has no identity
             self._failed("connect-failure", 503, "it needs mesh mTLS; this sidecar runs without --identity")
             return

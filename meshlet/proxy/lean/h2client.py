@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -77,7 +78,7 @@ class H2Upstream(H2Endpoint):
                 else:  # a stream we gave up: its bytes still count against the connection window
                     self.acknowledge(stream_id, event.flow_controlled_length)
             elif exchange is None:
-                if isinstance(event, WindowUpdated):
+                if isinstance(event, WindowUpdated | RemoteSettingsChanged):
                     self.flush_backlog()
                 elif isinstance(event, ConnectionTerminated):
                     self._going_away(event.last_stream_id)
@@ -89,7 +90,7 @@ class H2Upstream(H2Endpoint):
                 exchange.response_end(self)
             elif isinstance(event, StreamReset):
                 exchange.upstream_failed(self, "reset", f"the backend reset the stream ({event.error_code!s})")
-            elif isinstance(event, WindowUpdated):
+            elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
                 self.flush_backlog()
         self.write_out()
 
@@ -117,4 +118,5 @@ class H2Upstream(H2Endpoint):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush_now()
             self.transport.close()

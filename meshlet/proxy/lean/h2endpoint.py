@@ -18,6 +18,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
+from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from meshlet.proxy.lean.http1 import Header
@@ -26,6 +27,7 @@ log = logging.getLogger("meshlet.proxy")
 WINDOW = 1 << 20  # what we let a peer send per stream before it must wait for our acknowledgements
 CONNECTION_WINDOW = 16 << 20  # and on the whole connection (many streams share it)
 MAX_CONCURRENT_STREAMS = 1000
+MAX_HEADER_LIST = 64 * 1024  # the same bound as HTTP/1.1's header section (meshlet.proxy.lean.http1)
 
 
 class _Backlog:
@@ -43,13 +45,23 @@ class H2Endpoint(asyncio.Protocol):
     """Subclasses handle the events (`on_events`) and learn of drained streams (`drained`)."""
 
     def __init__(self, client_side: bool) -> None:
-        self.conn = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
-        self.conn.local_settings.initial_window_size = WINDOW
-        self.conn.local_settings.max_concurrent_streams = MAX_CONCURRENT_STREAMS
+        # Inbound headers are validated (a peer's), outbound ones not again: they are what one of our
+        # connections validated on the way in, and h2's checks are a good part of its cost per stream.
+        self.conn = H2Connection(H2Configuration(
+            client_side=client_side, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        ))
+        # Our SETTINGS as initial values: assigning to h2's settings object only queues a change (sent
+        # by no frame until `update_settings`), while h2 would size its own windows by it at once.
+        self.conn.local_settings = Settings(client=client_side, initial_values={
+            SettingCodes.INITIAL_WINDOW_SIZE: WINDOW, SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+        })
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.backlog: dict[int, _Backlog] = {}
         self.write_paused = False
         self.closed = False
+        self.flush_due = False
 
     def start(self) -> None:
         """Our preface and settings, and the connection window."""
@@ -58,6 +70,14 @@ class H2Endpoint(asyncio.Protocol):
         self.write_out()
 
     def write_out(self) -> None:
+        """Frames go out once per turn of the loop: everything one read caused, on either side,
+        leaves in one write (one syscall) instead of one per frame."""
+        if not self.flush_due:
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self.flush_due = False
         data = self.conn.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
@@ -70,7 +90,7 @@ class H2Endpoint(asyncio.Protocol):
             log.info("HTTP/2 protocol error from %s: %s", self.transport.get_extra_info("peername"), e)
             try:
                 self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
-                self.write_out()
+                self.flush_now()
             except H2Error:
                 pass
             self.transport.close()
@@ -163,7 +183,7 @@ class H2Endpoint(asyncio.Protocol):
     def goaway(self, last_stream_id: int) -> None:
         """A graceful GOAWAY (NO_ERROR): streams up to `last_stream_id` go on. Written as a raw frame,
         because h2's state machine refuses to send anything after its own `close_connection`."""
-        self.write_out()
+        self.flush_now()
         if not self.closed:
             self.transport.write(GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0).serialize())
 

@@ -18,6 +18,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
@@ -97,7 +98,7 @@ class H2Downstream(H2Endpoint):
                 exchange = self.streams.get(stream_id)
                 if exchange is not None:
                     exchange.client_reset()
-            elif isinstance(event, WindowUpdated):
+            elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
                 self.flush_backlog()
             elif isinstance(event, ConnectionTerminated):
                 self.transport.close()
@@ -122,7 +123,7 @@ class H2Downstream(H2Endpoint):
             self.active = None
             self.idle_since = self.engine.loop.time()
             if self.draining or self.engine.draining:
-                self.write_out()
+                self.flush_now()
                 self.transport.close()
 
     def flush(self) -> None:
@@ -144,13 +145,14 @@ class H2Downstream(H2Endpoint):
         self.draining = True
         self.goaway(self.last_stream_id)
         if not self.streams:
-            self.transport.close()
+            self.abort()
 
     def sweep(self, now: float) -> None:
         if not self.streams and now - self.idle_since > self.engine.config.idle_timeout:
             self.drain()
 
     def abort(self) -> None:
+        self.flush_now()
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -141,7 +141,7 @@ class H2Exchange(Request):
         """`protocol: http2|http1` as the backend says; `auto` keeps HTTP/2 for gRPC (which needs it end
         to end) and for mesh peers (ALPN settles it), and speaks HTTP/1.1 to other plaintext backends."""
         backend = self.backends[(self.attempt - 1) % len(self.backends)] if self.backends else None
-        protocol = getattr(backend, "protocol", "auto")
+        protocol = backend.protocol if backend is not None else "auto"
         if protocol != "auto":
             return protocol == "http2"
         return self.grpc or (backend is not None and backend.tls == "mesh")

@@ -32,7 +32,7 @@ LARGE_BODY = "8m"  # with addon scripts: bodies above this stream past them (mit
 def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[types.ModuleType] = ()) -> list[object]:
     from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
-    from meshlet.proxy.mitm.h2c import RefuseH2c
+    from meshlet.proxy.mitm.h2c import H2c
     from meshlet.proxy.mitm.inbound import Inbound  # first: a refused destination is closed before TLS
     from meshlet.proxy.mitm.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
     from meshlet.proxy.mitm.tunnel import PassThrough
@@ -42,7 +42,7 @@ def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[type
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     routing.peer_identity = mtls[0].peer_identity
     return [
-        core.Core(), proxyserver.Proxyserver(), Inbound(config), *mtls, RefuseH2c(), PassThrough(),
+        core.Core(), proxyserver.Proxyserver(), Inbound(config), *mtls, H2c(), PassThrough(),
         next_layer.NextLayer(), tlsconfig.TlsConfig(),
         *scripts,
         routing,

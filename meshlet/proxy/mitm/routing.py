@@ -39,6 +39,7 @@ from meshlet.routing.attempts import attempts_for, candidates, status_conditions
 from meshlet.telemetry.proxy import ProxyMetrics
 
 KEY = "meshlet"
+REPLAYS = frozenset({"reset", "5xx", "gateway-error"})  # retry conditions that send a request again
 PROBE_TIMEOUT = 1.0
 log = logging.getLogger("meshlet.proxy")
 
@@ -81,9 +82,10 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
 
 
 def needs_pool(decision: Decision) -> bool:
-    """Deadlines and replays need meshlet's client (which speaks mesh mTLS too)."""
+    """Deadlines and replays need meshlet's client (which speaks mesh mTLS too). It is HTTP/1.1
+    only: gRPC's retry conditions are the lean engine's, and buffering would not serve them."""
     route = decision.route
-    replays = route.retries is not None and set(route.retries.on) - {"connect-failure"}
+    replays = route.retries is not None and REPLAYS.intersection(route.retries.on)
     return route.timeout is not None or bool(replays)
 
 

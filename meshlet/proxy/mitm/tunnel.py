@@ -27,6 +27,12 @@ from meshlet.proxy.mitm.origdst import original_destination
 log = logging.getLogger("meshlet.proxy")
 
 
+def relay(nextlayer: layer.NextLayer, destination: tuple[str, int]) -> None:
+    """From here on the connection is a byte relay to `destination`: nothing reads it."""
+    nextlayer.context.server.address = destination
+    nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
+
+
 def looks_like_http(data: bytes) -> bool:
     """An HTTP/1 request starts with its method, an upper-case token (`GET`, `CONNECT`, ...)."""
     return not starts_like_tls_record(data) and data[:1].isupper()
@@ -42,7 +48,7 @@ class PassThrough:
         data = nextlayer.data_client()
         if context.server.address is not None:  # inside a CONNECT tunnel: the target is known
             if starts_like_tls_record(data):
-                nextlayer.layer = layers.TCPLayer(context, ignore=True)
+                relay(nextlayer, context.server.address)
             return
         if looks_like_http(data):
             return  # a Host-header or absolute-form request: routed by policy
@@ -50,5 +56,4 @@ class PassThrough:
         if destination is None:
             return  # sent to the listener itself: mitmproxy answers that it is not HTTP
         log.debug("relaying a non-HTTP connection to %s:%d untouched", *destination)
-        context.server.address = destination
-        nextlayer.layer = layers.TCPLayer(context, ignore=True)
+        relay(nextlayer, destination)

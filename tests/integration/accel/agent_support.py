@@ -1,9 +1,12 @@
 """What the tests of `meshlet agent` as a process share: a kernel-split policy, free ports,
-metrics scraping and which programs a cgroup has attached."""
+metrics scraping, which programs a cgroup has attached, and the driver of `workload.py`."""
 
 from __future__ import annotations
 
+import json
+import selectors
 import socket
+import subprocess
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshlet.ebpf import bpfsys
 
 CGROUP_SOCK_OPS, CGROUP_INET4_CONNECT = 3, 10
+REPLY_TIMEOUT = 60.0
 
 POLICY = """\
 apiVersion: meshlet.dev/v1alpha1
@@ -47,3 +51,31 @@ def samples(port: int) -> dict[tuple[str, tuple], float]:
 def attached(cgroup, attach_type: int) -> tuple[int, ...]:
     with cgroup.fd() as fd:
         return bpfsys.attached_ids(fd, attach_type)
+
+
+class Workload:
+    """One `workload.py` process; `call` sends a command line and returns its JSON answer."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.process.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+
+    def call(self, command: str, timeout: float = REPLY_TIMEOUT) -> dict:
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        if not self._selector.select(timeout):
+            raise TimeoutError(f"workload gave no answer to {command!r} within {timeout}s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"workload exited ({self.process.poll()}) on {command!r}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self._selector.close()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream:
+                stream.close()

@@ -7,8 +7,6 @@ teardown, whether the test passed or not.
 from __future__ import annotations
 
 import contextlib
-import json
-import selectors
 import shutil
 import socket
 import subprocess
@@ -20,12 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from agent_support import Workload
 
 from meshlet.ebpf import capability
 from meshlet.ebpf.cgroup import UNIFIED, Cgroup, temporary
 
 WORKLOAD = Path(__file__).with_name("workload.py")
-REPLY_TIMEOUT = 60.0
 
 
 def _missing() -> str | None:
@@ -63,34 +61,6 @@ def pin_root(ebpf_ready: None) -> Iterator[Path]:
     finally:
         if root.exists():  # left by a failed test: pins are files to bpffs, so rmtree unpins them
             shutil.rmtree(root)
-
-
-class Workload:
-    """One `workload.py` process; `call` sends a command line and returns its JSON answer."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self.process.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
-
-    def call(self, command: str, timeout: float = REPLY_TIMEOUT) -> dict:
-        assert self.process.stdin and self.process.stdout
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-        if not self._selector.select(timeout):
-            raise TimeoutError(f"workload gave no answer to {command!r} within {timeout}s")
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"workload exited ({self.process.poll()}) on {command!r}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-        self._selector.close()
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream:
-                stream.close()
 
 
 @pytest.fixture

@@ -19,10 +19,12 @@ from meshlet.policy.model import Address
 def main() -> None:
     cgroup, pin_root = Cgroup(Path(sys.argv[1])), Path(sys.argv[2])
     sidecar_port, vip_port, backend_port = map(int, sys.argv[3:6])
-    accel = SockmapAccelerator(cgroup, ports={sidecar_port}, pin_root=pin_root)
+    accel = SockmapAccelerator(ports={sidecar_port}, pin_dir=pin_root / "accel")
     accel.start()
-    splitter = KernelSplitter(cgroup, pin_root=pin_root)
+    accel.set_targets([cgroup.path])
+    splitter = KernelSplitter(pin_root / "split")
     splitter.start()
+    splitter.set_targets({cgroup.path: 0})
     backend = SplitBackend("default", "v1", Address("127.0.0.1", backend_port), 100)
     splitter.apply([KernelSplit("reviews", Address("127.0.0.1", vip_port), (backend,))])
     ids = {"sockops": accel.hooks.prog_id("meshlet_sockops"), "connect4": splitter.hooks.prog_id("meshlet_connect4")}

@@ -33,7 +33,7 @@ def test_agent_runs_both_accelerations_exports_them_and_removes_them_on_sigterm(
     assert found[("meshlet_accel_redirected_bytes_total", ())] == 2 * 65536
     assert found[("meshlet_accel_sockets", ())] == 0
     for name in ("v1", "v2"):
-        labels = (("backend", name), ("route", "canary"))
+        labels = (("backend", name), ("namespace", "default"), ("route", "canary"))
         assert found[("meshlet_kernel_connections_total", labels)] == answer["names"][name]
 
     agent.process.send_signal(signal.SIGTERM)

@@ -62,11 +62,13 @@ def test_kill_9_leaves_working_hooks_and_a_restart_adopts_them(cgroup, pin_root,
     assert workload.call(f"connect {vip.port} 10")["names"] == {"v1": 10}  # the data plane runs agentless
     assert workload.call(f"exchange {sidecar_port} 65536")["exact"]
 
-    accel = SockmapAccelerator(cgroup, ports={sidecar_port}, pin_root=pin_root)
-    splitter = KernelSplitter(cgroup, pin_root=pin_root)
+    accel = SockmapAccelerator(ports={sidecar_port}, pin_dir=pin_root / "accel")
+    splitter = KernelSplitter(pin_root / "split")
     try:
         accel.start()
+        accel.set_targets([cgroup.path])
         splitter.start()
+        splitter.set_targets({cgroup.path: 0})
         assert accel.hooks.adopted and splitter.hooks.adopted
         assert attached(cgroup, CGROUP_SOCK_OPS) == (accel.hooks.prog_id("meshlet_sockops"),)
         assert attached(cgroup, CGROUP_INET4_CONNECT) == (splitter.hooks.prog_id("meshlet_connect4"),)
@@ -91,9 +93,10 @@ def test_kill_9_leaves_working_hooks_and_a_restart_adopts_them(cgroup, pin_root,
 def test_stop_keeps_the_maps_of_live_sockets_until_a_later_stop(cgroup, pin_root, workloads):
     workload = workloads(cgroup)
     port = workload.call("listen")["port"]
-    accel = SockmapAccelerator(cgroup, ports={port}, pin_root=pin_root)
+    accel = SockmapAccelerator(ports={port}, pin_dir=pin_root / "accel")
     try:
         accel.start()
+        accel.set_targets([cgroup.path])
         held = workload.call(f"open {port}")
     finally:
         left = accel.stop(drain=0.2)
@@ -103,9 +106,10 @@ def test_stop_keeps_the_maps_of_live_sockets_until_a_later_stop(cgroup, pin_root
     assert workload.call(f"ask {held['id']}")["name"] == "?"  # still redirected, nothing lost
 
     workload.call(f"close {held['id']}")
-    again = SockmapAccelerator(cgroup, ports={port}, pin_root=pin_root)
+    again = SockmapAccelerator(ports={port}, pin_dir=pin_root / "accel")
     try:
         again.start()
+        again.set_targets([cgroup.path])
         assert again.hooks.adopted
     finally:
         assert again.stop() == 0
@@ -115,19 +119,21 @@ def test_stop_keeps_the_maps_of_live_sockets_until_a_later_stop(cgroup, pin_root
 def test_pins_that_do_not_fit_the_program_are_replaced_not_fatal(cgroup, pin_root, workloads):
     workload = workloads(cgroup)
     port = workload.call("listen")["port"]
-    first = SockmapAccelerator(cgroup, ports={port}, pin_root=pin_root)
+    first = SockmapAccelerator(ports={port}, pin_dir=pin_root / "accel")
     first.start()
+    first.set_targets([cgroup.path])
     try:
         pin_dir = first.hooks.pin_dir
         # Another version's leftovers: a map of the wrong type where the sockhash should be.
         (pin_dir / "meshlet_socks").unlink()
         pins.pin(first.hooks.map_fd("meshlet_stats"), "meshlet_socks", pin_dir)
     finally:
-        first.hooks.detach()
+        first.hooks.detach_all()
         first.hooks.close(keep_maps=True)
-    second = SockmapAccelerator(cgroup, ports={port}, pin_root=pin_root)
+    second = SockmapAccelerator(ports={port}, pin_dir=pin_root / "accel")
     try:
         second.start()
+        second.set_targets([cgroup.path])
         assert not second.hooks.adopted
         assert workload.call(f"exchange {port} 1000")["exact"]
         assert second.stats().redirected_bytes == 2000

@@ -15,7 +15,7 @@ from agent_support import CGROUP_INET4_CONNECT, POLICY, attached, free_port
 pytestmark = pytest.mark.root
 
 APPLIED = "agent: kernel splits now"
-REFUSED = "agent: policy not reloaded, keeping the running splits:"
+REFUSED = "agent: policy not reloaded, keeping the running state:"
 
 
 def policy_text(v1: int, v2: int, weights: tuple[int, int], dataplane: str = "kernel") -> str:
@@ -58,6 +58,7 @@ def test_agent_follows_policy_edits_under_load_and_removes_hooks(
         "--pin-dir", str(pin_root / "agent"), "--metrics", f"127.0.0.1:{free_port()}", "--interval", "0.1s",
         "--cgroup", str(cgroup.path), "--policy", str(policy), "--kernel-vip", f"reviews=127.0.0.1:{vip.port}",
     ])
+    agent.wait_for_log(APPLIED)  # the start-up split is logged too
     probe = workloads(cgroup)
     assert probe.call(f"connect {vip.port} 20")["names"] == {"v1": 20}
 
@@ -65,7 +66,7 @@ def test_agent_follows_policy_edits_under_load_and_removes_hooks(
     try:
         for change in range(10):  # each edit waits for the previous one to be applied
             policy.write_text(policy_text(v1.port, v2.port, (0, 100) if change % 2 == 0 else (100, 0)))
-            agent.wait_for_log(APPLIED, change + 1)
+            agent.wait_for_log(APPLIED, change + 2)
             expected = "v2" if change % 2 == 0 else "v1"
             assert probe.call(f"connect {vip.port} 20")["names"] == {expected: 20}, f"after change {change}"
     finally:
@@ -86,18 +87,18 @@ def test_agent_follows_policy_edits_under_load_and_removes_hooks(
     os.replace(edited, policy)
     assert probe.call(f"connect {vip.port} 10")["names"] == {"v1": 10}
     agent.process.send_signal(signal.SIGHUP)
-    agent.wait_for_log(APPLIED, 11)
+    agent.wait_for_log(APPLIED, 12)
     assert probe.call(f"connect {vip.port} 10")["names"] == {"v2": 10}
 
     assert attached(cgroup, CGROUP_INET4_CONNECT) != ()
     policy.write_text(policy_text(v1.port, v2.port, (0, 100), dataplane="proxy"))
     agent.wait_for_log("none (hooks detached)")
     assert attached(cgroup, CGROUP_INET4_CONNECT) == ()
-    assert not (pin_root / f"split-{cgroup.id}").exists()
+    assert not (pin_root / "split").exists()
     assert probe.call(f"connect {vip.port} 10")["names"] == {"vip": 10}, "the VIP is no longer rewritten"
 
     policy.write_text(policy_text(v1.port, v2.port, (100, 0)))  # asked again: hooks come back
-    agent.wait_for_log(APPLIED, 13)
+    agent.wait_for_log(APPLIED, 14)
     assert probe.call(f"connect {vip.port} 10")["names"] == {"v1": 10}
 
     agent.process.send_signal(signal.SIGTERM)

@@ -23,9 +23,10 @@ def wait_for_sockets(accel: SockmapAccelerator, expected: int, timeout: float = 
 
 @pytest.fixture
 def accel(cgroup: Cgroup, pin_root) -> Iterator[SockmapAccelerator]:
-    accelerator = SockmapAccelerator(cgroup, ports=(), pin_root=pin_root)
+    accelerator = SockmapAccelerator(ports=(), pin_dir=pin_root / "accel")
     try:
         accelerator.start()
+        assert accelerator.set_targets([cgroup.path]) == {}
         yield accelerator
     finally:
         accelerator.stop(drain=0)

@@ -1,4 +1,5 @@
-"""Helpers the node agent's kernel tests import: running commands in namespaces, the agent process."""
+"""Helpers the node agent's kernel tests import: running commands in namespaces, the agent
+process, and the traffic of QoS tests (a bulk flood, a small request/response pinger)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +88,82 @@ def inside(netns: str) -> Iterator[None]:
         _libc.setns(home, _CLONE_NEWNET)
         os.close(target)
         os.close(home)
+
+
+class Flood:
+    """Bulk TCP from left to right as fast as the path allows, until stopped."""
+
+    def __init__(self, netns: str, address: tuple[str, int]):
+        with inside(netns):
+            self.sock = socket.socket()
+        self.sock.settimeout(10)
+        self.sock.connect(address)
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        block = b"b" * 65536
+        try:
+            while self.running:
+                self.sock.sendall(block)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def sink(server: socket.socket) -> None:
+    try:
+        conn, _ = server.accept()
+        with conn:
+            while conn.recv(1 << 20):
+                pass
+    except OSError:
+        pass
+
+
+def echo(server: socket.socket) -> None:
+    try:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
+    except OSError:
+        pass
+
+
+class Pinger:
+    """Small request/response on the latency port every 20 ms: keeps srtt samples coming."""
+
+    def __init__(self, netns: str, address: tuple[str, int]):
+        with inside(netns):
+            self.sock = socket.socket()
+        self.sock.settimeout(10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.connect(address)
+        self.rtts: list[tuple[float, float]] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while self.running:
+                start = time.monotonic()
+                self.sock.sendall(b"p" * 64)
+                got = 0
+                while got < 64:
+                    got += len(self.sock.recv(64 - got))
+                self.rtts.append((start, time.monotonic() - start))
+                time.sleep(0.02)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=15)
+        self.sock.close()

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from meshlet.policy import load_file
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).parents[3]
+PINS = ["classes", "hist", "pods", "ports", "workloads"]
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def test_sigterm_removes_everything_attached(setup, tmp_path):
         tree, filters = kernel_state(pair.left, pair.left_if)
         assert tree is not None and changes(tree_for(load_file(str(policy)).qos[0]), tree) == []
         assert filters == [tc.FILTER_NAME]
-        assert sorted(p.name for p in pin_dir.iterdir()) == ["classes", "hist", "ports"]
+        assert sorted(p.name for p in pin_dir.iterdir()) == PINS
 
         # Traffic on the latency port inside the namespace shows up in `meshlet stats`.
         with inside(pair.left):
@@ -96,7 +98,7 @@ def test_restart_after_kill_9_reconciles_without_duplicates(setup, tmp_path):
         assert changes(tree_for(load_file(str(policy)).qos[0]), tree) == []
         qos_lines = [line.split(" ", 2)[2] for line in (tmp_path / "second.log").read_text().splitlines() if " qos: " in line]
         assert qos_lines == [f"qos: change class 1:12 bulk rate 20000000bit ceil 100000000bit prio 2 on {pair.left_if}"]
-        assert sorted(p.name for p in pin_dir.iterdir()) == ["classes", "hist", "ports"]
+        assert sorted(p.name for p in pin_dir.iterdir()) == PINS
         assert second.stop(signal.SIGTERM) == 0
         assert kernel_state(pair.left, pair.left_if) == (None, [])
     finally:
@@ -133,3 +135,28 @@ def test_runtime_refusals_are_one_line_and_leave_nothing(setup, tmp_path):
     assert not_bpffs.returncode == 1
     assert not_bpffs.stderr.splitlines()[-1].startswith("meshlet: agent: cannot pin BPF map at ")
     assert "Traceback" not in not_bpffs.stderr
+
+
+def test_a_qos_policy_edit_applies_while_running_and_a_bad_one_is_refused(setup, tmp_path):
+    pair, policy, pin_dir, _ = setup
+    agent = Agent(pair.left, policy, pin_dir, tmp_path / "agent.log")
+    try:
+        agent.wait_ready()
+        policy.write_text(policy.read_text().replace("rate: 10mbit", "rate: 20mbit"))
+        deadline = time.monotonic() + 30
+        change = f"qos: change class 1:12 bulk rate 20000000bit ceil 100000000bit prio 2 on {pair.left_if}"
+        while change not in agent.log.read_text():
+            assert time.monotonic() < deadline, agent.log.read_text()
+            time.sleep(0.1)
+        tree, filters = kernel_state(pair.left, pair.left_if)
+        assert changes(tree_for(load_file(str(policy)).qos[0]), tree) == [] and filters == [tc.FILTER_NAME]
+
+        policy.write_text(policy.read_text().replace("rate: 20mbit", "rate: fast"))
+        while "agent: policy not reloaded, keeping the running state: " not in agent.log.read_text():
+            assert time.monotonic() < deadline + 30, agent.log.read_text()
+            time.sleep(0.1)
+        assert kernel_state(pair.left, pair.left_if) == (tree, filters)
+        assert agent.stop(signal.SIGTERM) == 0
+        assert kernel_state(pair.left, pair.left_if) == (None, [])
+    finally:
+        agent.kill()

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from ebpf_support import Agent, inside, ip
+from ebpf_support import Agent, Flood, Pinger, echo, inside, ip, sink
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.root
@@ -44,85 +44,6 @@ def bulk_ceil(agent: Agent) -> float:
 def cuts(agent: Agent) -> float:
     found = samples(agent.metrics(), "meshlet_qos_adjustments_total")
     return found.get((("class", "bulk"), ("direction", "down")), 0.0)
-
-
-class Flood:
-    """Bulk TCP from left to right as fast as the path allows, until stopped."""
-
-    def __init__(self, netns: str, address: tuple[str, int]):
-        with inside(netns):
-            self.sock = socket.socket()
-        self.sock.settimeout(10)
-        self.sock.connect(address)
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        block = b"b" * 65536
-        try:
-            while self.running:
-                self.sock.sendall(block)
-        except OSError:
-            pass
-
-    def stop(self) -> None:
-        self.running = False
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-
-def sink(server: socket.socket) -> None:
-    try:
-        conn, _ = server.accept()
-        with conn:
-            while conn.recv(1 << 20):
-                pass
-    except OSError:
-        pass
-
-
-def echo(server: socket.socket) -> None:
-    try:
-        conn, _ = server.accept()
-        with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
-    except OSError:
-        pass
-
-
-class Pinger:
-    """Small request/response on the latency port every 20 ms: keeps srtt samples coming."""
-
-    def __init__(self, netns: str, address: tuple[str, int]):
-        with inside(netns):
-            self.sock = socket.socket()
-        self.sock.settimeout(10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.connect(address)
-        self.rtts: list[tuple[float, float]] = []
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while self.running:
-                start = time.monotonic()
-                self.sock.sendall(b"p" * 64)
-                got = 0
-                while got < 64:
-                    got += len(self.sock.recv(64 - got))
-                self.rtts.append((start, time.monotonic() - start))
-                time.sleep(0.02)
-        except OSError:
-            pass
-
-    def stop(self) -> None:
-        self.running = False
-        self.thread.join(timeout=15)
-        self.sock.close()
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -164,7 +85,8 @@ def test_loop_cuts_bulk_under_contention_then_restores(routed_path, tmp_path, pi
         assert after and after[len(after) // 2] < slo, (after, agent.log.read_text())
         # The flood overflows the link's queue: its drops show up as retransmits of the bulk port.
         retransmits = samples(agent.metrics(), "meshlet_tcp_retransmits_total")
-        assert retransmits.get((("direction", "out"), ("port", str(bulk_port))), 0) > 0, retransmits
+        bulk = (("direction", "out"), ("namespace", ""), ("port", str(bulk_port)), ("workload", ""))
+        assert retransmits.get(bulk, 0) > 0, retransmits
         flood.stop()
 
         wait_for(lambda: bulk_ceil(agent) == 100 * MBIT, 60, "the bulk ceil to be restored after the flood")

@@ -14,7 +14,7 @@ from ebpf_support import inside
 from prometheus_client import CollectorRegistry
 
 from meshlet.ebpf import hist
-from meshlet.ebpf.observe import TcpObserver
+from meshlet.ebpf.observe import TcpObserver, WorkloadTag
 from meshlet.telemetry.node import TcpCollector, quantile_range
 
 pytestmark = pytest.mark.root
@@ -70,14 +70,14 @@ def test_connections_counted_exactly_and_only_on_watched_ports(observer):
         for _ in range(5):
             connect_and_talk(other, ignored)
 
-        labels = {"port": str(port), "direction": "out"}
+        labels = {"port": str(port), "direction": "out", "namespace": "", "workload": ""}
         count = registry.get_sample_value("meshlet_tcp_connect_latency_seconds_count", labels)
         assert 25 - (connlat_misses(observer) - misses_before) <= count <= 25  # exact but for counted skips
         assert registry.get_sample_value("meshlet_tcp_connect_latency_seconds_bucket", {**labels, "le": "+Inf"}) == count
         assert 0 < registry.get_sample_value("meshlet_tcp_connect_latency_seconds_sum", labels) < 25 * 1.0
         assert registry.get_sample_value("meshlet_tcp_connect_latency_seconds_count", {**labels, "port": str(other)}) is None
         # The server side saw data segments: smoothed RTT samples under its local port.
-        srtt = registry.get_sample_value("meshlet_tcp_srtt_seconds_count", {"port": str(port), "direction": "in"})
+        srtt = registry.get_sample_value("meshlet_tcp_srtt_seconds_count", {**labels, "direction": "in"})
         assert srtt and srtt >= 25
         tracepoints = {"sock:inet_sock_set_state", "tcp:tcp_probe", "tcp:tcp_retransmit_skb"}
         for tracepoint in tracepoints:
@@ -125,4 +125,35 @@ def test_kernel_percentiles_match_user_space_within_a_bucket(observer, veth_pair
     finally:
         for client in clients:
             client.close()
+        srv.close()
+
+
+def test_a_known_workloads_sockets_are_counted_on_any_port_under_its_names(observer, veth_pair):
+    """The left namespace plays a Pod: its address is a workload's, so connections and RTT of
+    its sockets count under port 0 (no policy names the port) with the workload's labels, and
+    a socket with another local address does not."""
+    with inside(veth_pair.right):
+        srv = listener(veth_pair.right_ip)
+    port = srv.getsockname()[1]
+    observer.set_ports([])
+    observer.set_workloads({veth_pair.left_ip: WorkloadTag("shop", "checkout", "latency")})
+    try:
+        for _ in range(5):
+            with inside(veth_pair.left):
+                client = socket.create_connection((veth_pair.right_ip, port), timeout=5)
+            peer, _ = srv.accept()
+            with client, peer:
+                peer.sendall(b"x" * 1000)
+                client.recv(1000)
+                client.sendall(b"y" * 1000)
+                peer.recv(1000)
+        ours = [h for h in observer.snapshot().histograms if h.workload == "checkout"]
+        connect = next(h for h in ours if h.name == "connect_latency")
+        assert (connect.port, connect.namespace, connect.qos_class) == (0, "shop", "latency")
+        assert 5 - connlat_misses(observer) <= sum(connect.counts) <= 5
+        assert any(h.name == "srtt" and sum(h.counts) > 0 for h in ours)
+        assert all(h.workload == "" for h in observer.snapshot().histograms if h.port == port), \
+            "the server's sockets (another address) are no workload's, and the port is watched by none"
+    finally:
+        observer.set_workloads({})
         srv.close()

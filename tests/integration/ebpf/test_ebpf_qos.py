@@ -12,7 +12,7 @@ from pyroute2 import IPRoute
 
 from meshlet.ebpf import source, tc
 from meshlet.ebpf.htb import changes, port_classes, tree_for
-from meshlet.ebpf.maps import fill_port_map
+from meshlet.ebpf.maps import fill_map
 from meshlet.policy import load_text
 
 pytestmark = pytest.mark.root
@@ -115,7 +115,7 @@ def test_a_flow_lands_in_the_class_its_port_maps_to(veth_pair, left):
     bpf = BPF(text=source.translation_unit(source.CLASSIFIER))
     try:
         tc.apply(ipr, index, changes(tree, None))
-        fill_port_map(bpf[b"classes"], port_classes(policy, tree))
+        fill_map(bpf[b"classes"], port_classes(policy, tree))
         tc.attach_classifier(ipr, index, bpf.load_func(b"classify", BPF.SCHED_CLS).fd)
         assert tc.egress_filters(ipr, index) == [tc.FILTER_NAME]
         before = tc.class_bytes(ipr, index)

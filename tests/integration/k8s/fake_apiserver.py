@@ -7,6 +7,11 @@ spec, bumping versions only on change), merge-patches status, and streams watch 
 It also keeps coordination.k8s.io/v1 Leases (GET, POST, PUT), refusing with 409 Conflict a PUT
 whose resourceVersion is not the stored one and a POST of a Lease that exists, as etcd's
 compare-and-swap makes kube-apiserver do: that is what leader election relies on.
+
+For the node agent it serves core/v1 Pods, Services and Nodes too (`put_core`, as the
+kubelet, controllers and kubectl would write them): list and watch across all namespaces,
+Pods filtered by the `spec.nodeName` field selector, a Node by name; and lists and watches of
+the namespaced custom objects across all namespaces (`/apis/meshlet.dev/v1alpha1/trafficpolicies`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 PREFIX = "/apis/meshlet.dev/v1alpha1/"
+CORE = "/api/v1/"
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/"
+PLURALS = {"TrafficPolicy": "trafficpolicies", "QoSPolicy": "qospolicies", "Pod": "pods", "Service": "services",
+           "Node": "nodes"}
+NAMESPACED = frozenset({"trafficpolicies", "pods", "services"})
+
+
+def selected(plural: str, namespace: str, query: dict, obj_plural: str, obj_namespace: str, obj: dict) -> bool:
+    """Whether a list or watch of `plural` (in `namespace`, "" for all) with `query`'s field selector has obj."""
+    if obj_plural != plural:
+        return False
+    if (namespace or plural not in NAMESPACED) and obj_namespace != namespace:
+        return False  # a namespace's list, or a cluster-scoped kind; else every namespace
+    for term in filter(None, query.get("fieldSelector", [""])[0].split(",")):
+        field, _, value = term.partition("=")
+        found: object = obj
+        for part in field.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if str(found) != value.lstrip("="):
+            return False
+    return True
 
 
 class FakeApiServer:
@@ -59,10 +84,26 @@ class FakeApiServer:
 
     # -- what other actors (kubectl, controllers) do -------------------------------------------
 
+    def put_core(self, obj: dict) -> dict:
+        """Create or replace a Pod, Service or Node whole (status too), keeping a given uid."""
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        plural = PLURALS[obj["kind"]]
+        namespace = meta.get("namespace", "") if plural in NAMESPACED else ""
+        key = (plural, namespace, meta["name"])
+        with self.changed:
+            old = self.objects.get(key)
+            self.version += 1
+            meta["resourceVersion"] = str(self.version)
+            meta.setdefault("uid", old["metadata"]["uid"] if old else str(uuid.uuid4()))
+            self.objects[key] = obj
+            self._emit("MODIFIED" if old else "ADDED", plural, namespace, obj)
+            return copy.deepcopy(obj)
+
     def put(self, obj: dict) -> dict:
         """Create or update an object as another client would; returns the stored object."""
         meta = obj["metadata"]
-        plural = {"TrafficPolicy": "trafficpolicies", "QoSPolicy": "qospolicies"}[obj["kind"]]
+        plural = PLURALS[obj["kind"]]
         with self.changed:
             stored, _ = self._apply(plural, meta.get("namespace", ""), meta["name"], obj)
             return copy.deepcopy(stored)
@@ -128,10 +169,11 @@ class FakeApiServer:
                 if self.headers.get("Authorization") != f"Bearer {fake.token}":
                     self._send(401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
                     return None
-                if not url.path.startswith(PREFIX):
+                prefix = next((p for p in (PREFIX, CORE) if url.path.startswith(p)), None)
+                if prefix is None:
                     self._send(404, {"kind": "Status", "code": 404, "message": f"no route {url.path}"})
                     return None
-                parts = url.path[len(PREFIX):].split("/")
+                parts = url.path[len(prefix):].split("/")
                 namespace = ""
                 if parts[0] == "namespaces":
                     namespace, parts = parts[1], parts[2:]
@@ -211,7 +253,7 @@ class FakeApiServer:
                 else:
                     with fake.changed:
                         items = [copy.deepcopy(o) for (p, ns, _), o in sorted(fake.objects.items())
-                                 if p == plural and ns == namespace]
+                                 if selected(plural, namespace, query, p, ns, o)]
                         version = str(fake.version)
                     self._send(200, {"apiVersion": "meshlet.dev/v1alpha1", "kind": "TrafficPolicyList",
                                      "metadata": {"resourceVersion": version}, "items": items})
@@ -256,12 +298,12 @@ class FakeApiServer:
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 try:
-                    self._stream(since, timeout, plural, namespace)
+                    self._stream(since, timeout, plural, namespace, query)
                 finally:
                     self._chunk(b"")
                 self.close_connection = True
 
-            def _stream(self, since: int, timeout: float, plural: str, namespace: str) -> None:
+            def _stream(self, since: int, timeout: float, plural: str, namespace: str, query: dict) -> None:
                 with fake.changed:
                     gone, fake.gone, epoch = fake.gone, False, fake.epoch
                 if gone:
@@ -273,7 +315,7 @@ class FakeApiServer:
                 with fake.changed:
                     while not fake.closing and fake.epoch == epoch:
                         for version, kind, p, ns, obj in fake.events:
-                            if version > sent and p == plural and ns == namespace:
+                            if version > sent and selected(plural, namespace, query, p, ns, obj):
                                 self._line({"type": kind, "object": obj})
                         sent = fake.version
                         remaining = end - time.monotonic()

@@ -11,9 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +57,33 @@ class PodNet:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         return proc
 
+    def run_sidecar(self, work: Path, policy: str, *extra: str) -> Path:
+        """`meshlet run` in the Pod namespace as the sidecar's UID (its own connections are not
+        captured), on the injected ports; returns its log once it is ready."""
+        os.chmod(work, 0o755)
+        home = work / "home"
+        home.mkdir()
+        os.chown(home, CFG.uid, CFG.uid)
+        (work / "policy.yaml").write_text(policy)
+        log = home / "sidecar.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.pod, *as_uid(CFG.uid), sys.executable, "-m", "meshlet.cli", "run",
+                 "--policy", str(work / "policy.yaml"), "--workers", "1",
+                 "--outbound", f"127.0.0.1:{CFG.outbound_port}", "--inbound", f"0.0.0.0:{CFG.inbound_port}",
+                 "--admin", f"127.0.0.1:{CFG.admin_port}", *extra],
+                stdout=subprocess.DEVNULL, stderr=err,
+                # No -O re-exec: on this machine the venv's interpreter lives under /root, which
+                # setpriv can start for the sidecar's UID but the UID itself may not exec again.
+                env={**os.environ, "HOME": str(home), "MESHLET_WORKER_DEBUG": "1"},
+            )
+        self.processes.append(proc)
+        deadline = time.monotonic() + 60
+        while "ready outbound=" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        return log
+
     def install_redirect(self, bypass: sidecar.Bypass = sidecar.NO_BYPASS) -> str:
         """The injected init container's script, run in the Pod namespace; the nat table after it."""
         script = sidecar.redirect_script(CFG, bypass)
@@ -64,15 +93,17 @@ class PodNet:
 
 
 @contextlib.contextmanager
-def pod_network(ipv6: bool = False) -> Iterator[PodNet]:
+def pod_network(prefix: str = "mk8s", ipv6: bool = False) -> Iterator[PodNet]:
+    """`prefix` names the namespaces (PREFIX-pod-TAG, PREFIX-peer-TAG); its first two letters the veths.
+    `ipv6`: the Pod and the peer get IPv6 addresses too (POD_IP6, PEER_IP6): a dual-stack Pod."""
     tag = uuid.uuid4().hex[:6]
-    net = PodNet(f"mk8s-pod-{tag}", f"mk8s-peer-{tag}")
+    net = PodNet(f"{prefix}-pod-{tag}", f"{prefix}-peer-{tag}")
+    pod_dev, peer_dev = f"{prefix[:2]}p{tag}", f"{prefix[:2]}q{tag}"
     try:
         sh("ip", "netns", "add", net.pod)
         sh("ip", "netns", "add", net.peer)
-        sh("ip", "link", "add", f"mkp{tag}", "netns", net.pod, "type", "veth", "peer", "name", f"mkq{tag}",
-           "netns", net.peer)
-        for ns, dev, addr, addr6 in ((net.pod, f"mkp{tag}", POD_IP, POD_IP6), (net.peer, f"mkq{tag}", PEER_IP, PEER_IP6)):
+        sh("ip", "link", "add", pod_dev, "netns", net.pod, "type", "veth", "peer", "name", peer_dev, "netns", net.peer)
+        for ns, dev, addr, addr6 in ((net.pod, pod_dev, POD_IP, POD_IP6), (net.peer, peer_dev, PEER_IP, PEER_IP6)):
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             if ipv6:  # nodad: usable at once, no duplicate address detection delay
                 sh("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", dev, "nodad")

@@ -48,13 +48,14 @@ def test_helm_lint_strict():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("values", [(), ("webhook.failOpen=false", "agent.qosPolicy=x", "rbac.sidecarNamespaces={a,b}",
+@pytest.mark.parametrize("values", [(), ("webhook.failOpen=false", "agent.interface=eth1", "rbac.sidecarNamespaces={a,b}",
                                          "agent.accelerate=true")], ids=["defaults", "variant"])
 def test_every_rendered_object_passes_strict_kubernetes_schema(values):
     docs = render(*values, crds=True)
     assert {d["kind"] for d in docs} >= {
         "CustomResourceDefinition", "ServiceAccount", "Secret", "Service", "Deployment", "DaemonSet",
         "MutatingWebhookConfiguration", "ClusterRole", "RoleBinding", "ConfigMap", "PodDisruptionBudget",
+        "ClusterRoleBinding",
     }
     for doc in docs:
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
@@ -148,7 +149,7 @@ def test_provided_webhook_certificate_is_used(tmp_path):
     assert "webhook.tls.caBundle is required" in missing_ca.stderr
 
 
-def test_agent_is_privileged_host_network_with_kernel_mounts_and_no_api_access():
+def test_agent_is_privileged_host_network_with_kernel_mounts_and_read_only_api_access():
     docs = render()
     daemonset = find(docs, "DaemonSet")
     pod = daemonset["spec"]["template"]["spec"]
@@ -156,26 +157,21 @@ def test_agent_is_privileged_host_network_with_kernel_mounts_and_no_api_access()
     container = pod["containers"][0]
     assert container["securityContext"]["privileged"] is True
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {
-        "/sys/fs/bpf", "/sys/kernel/tracing", "/lib/modules", "/usr/src"}
-    assert pod["automountServiceAccountToken"] is False
+        "/sys/fs/bpf", "/sys/kernel/tracing", "/lib/modules", "/usr/src", "/run/meshlet/cgroupv2"}
+    assert pod["automountServiceAccountToken"] is True
+    assert container["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "15090"
-    bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
-    assert all(s.get("name") != pod["serviceAccountName"] for b in bindings for s in b["subjects"])
-
-
-def test_rbac_is_least_privilege():
-    docs = render("rbac.sidecarNamespaces={shop,books}")
-    role = find(docs, "ClusterRole")
+    (binding,) = [b for b in docs if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                  and any(s.get("name") == pod["serviceAccountName"] for s in b["subjects"])]
+    assert binding["kind"] == "ClusterRoleBinding" and binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "meshlet-system"}]
+    role = find(docs, "ClusterRole", binding["roleRef"]["name"])
     assert role["rules"] == [
-        {"apiGroups": ["meshlet.dev"], "resources": ["trafficpolicies"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["meshlet.dev"], "resources": ["trafficpolicies/status"], "verbs": ["patch"]},
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
-    ]
-    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
-    assert sorted((b["metadata"]["namespace"], b["subjects"][0]["name"]) for b in bindings) == [
-        ("books", "system:serviceaccounts:books"), ("shop", "system:serviceaccounts:shop")]
-    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+        {"apiGroups": ["meshlet.dev"], "resources": ["trafficpolicies", "qospolicies"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+    ], "read-only: the agent writes nothing to the API"
 
 
 def test_mesh_ca_secret_is_a_ca():
@@ -196,11 +192,17 @@ def test_pod_monitor_toggle_and_scrape_config():
 
 
 def test_agent_args_are_accepted_by_meshlet_agent():
-    container = find(render("agent.qosPolicy=x"), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    container = find(render(), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(container["args"])
     assert args.handler.__module__ == "meshlet.commands.agent"
-    assert (args.interface, args.metrics, args.policy) == ("eth0", ":15090", ["/etc/meshlet/qos/qos.yaml"])
-    assert not args.accelerate and args.cgroup is None, "acceleration is off unless asked for"
+    assert args.kube and args.node == "$(NODE_NAME)", "the kubelet expands $(NODE_NAME) from the env"
+    assert (args.cgroup_root, args.metrics, args.interface) == ("/run/meshlet/cgroupv2/kubepods.slice", ":15090", None)
+    assert not args.accelerate and args.cgroup is None and args.policy == [], "acceleration is off unless asked for"
+    other = find(render("agent.interface=eth1", "agent.cgroup=kubepods", "agent.cgroupfs=/sys/fs/cgroup/unified"),
+                 "DaemonSet")["spec"]["template"]["spec"]
+    args = build_parser().parse_args(other["containers"][0]["args"])
+    assert (args.interface, args.cgroup_root) == ("eth1", "/run/meshlet/cgroupv2/kubepods")
+    assert {v["name"]: v.get("hostPath", {}).get("path") for v in other["volumes"]}["cgroup"] == "/sys/fs/cgroup/unified"
 
 
 @pytest.mark.parametrize(("values", "ports"), [
@@ -214,12 +216,10 @@ def test_agent_accelerate_renders_flags_meshlet_agent_accepts(values, ports):
     spec = find(render("agent.accelerate=true", *values), "DaemonSet")["spec"]["template"]["spec"]
     args = build_parser().parse_args(spec["containers"][0]["args"])
     assert args.accelerate and args.sidecar_ports == ports
-    assert args.cgroup == "/run/meshlet/cgroupv2/kubepods.slice"
+    assert args.kube and args.cgroup is None, "every meshed Pod of the node, found under --cgroup-root"
     mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
     volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in spec["volumes"]}
     assert mounts["cgroup"] == "/run/meshlet/cgroupv2" and volumes["cgroup"] == "/sys/fs/cgroup"
-    off = find(render(), "DaemonSet")["spec"]["template"]["spec"]
-    assert "cgroup" not in {v["name"] for v in off["volumes"]}
 
 
 def test_injected_sidecar_flags_are_known_to_meshlet_run():
@@ -255,6 +255,7 @@ def test_the_done_when_pipeline():
     ("proxy.imagee=typo", "additional properties 'imagee' not allowed"),
     ("agent.interface=a/b", "/agent/interface"),
     ("agent.cgroup=/sys/fs/cgroup", "/agent/cgroup"),
+    ("agent.cgroupfs=sys/fs/cgroup", "/agent/cgroupfs"),
     ("agent.sidecarPorts={0}", "/agent/sidecarPorts/0"),
 ])
 def test_values_schema_refuses_bad_values_with_their_path(value, error):

@@ -43,12 +43,20 @@ def write(tmp_path: Path, text: str) -> str:
 # -- apply ---------------------------------------------------------------------------------------
 
 
+def test_apply_keeps_a_bare_deprecated_on_key_a_string(api, tmp_path):
+    server, config = api
+    path = write(tmp_path, CANARY.replace("retryOn:", "on:"))
+    assert kube.apply_file(path, kubeconfig=config) == ["trafficpolicy.meshlet.dev/reviews created"]
+    stored = server.get("trafficpolicies", "default", "reviews")
+    assert stored["spec"]["routes"][0]["retries"]["on"] == ["connect-failure", "5xx"], "YAML 1.1 `on` kept a string"
+
+
 def test_apply_creates_then_reports_unchanged_then_configured(api, tmp_path):
     server, config = api
     path = write(tmp_path, CANARY)
     assert kube.apply_file(path, kubeconfig=config) == ["trafficpolicy.meshlet.dev/reviews created"]
     stored = server.get("trafficpolicies", "default", "reviews")
-    assert stored["spec"]["routes"][0]["retries"]["on"] == ["connect-failure", "5xx"], "YAML 1.1 `on` kept a string"
+    assert stored["spec"]["routes"][0]["retries"]["retryOn"] == ["connect-failure", "5xx"]
     assert kube.apply_file(path, kubeconfig=config) == ["trafficpolicy.meshlet.dev/reviews unchanged"]
     write(tmp_path, CANARY.replace("weight: 90", "weight: 80").replace("weight: 10}", "weight: 20}"))
     assert kube.apply_file(path, kubeconfig=config) == ["trafficpolicy.meshlet.dev/reviews configured"]

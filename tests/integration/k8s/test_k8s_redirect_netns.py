@@ -12,6 +12,7 @@ import sys
 import pytest
 from podnet_support import CFG, NEEDS, PEER_IP, POD_IP, as_uid, pod_network, sh
 
+from meshlet.ebpf.kernel_split import BYPASS_MARK
 from meshlet.k8s import sidecar
 
 pytestmark = NEEDS
@@ -38,7 +39,11 @@ sys.stdin.read()
 """
 CLIENT = r"""
 import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c = socket.socket()
+if len(sys.argv) > 3:
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(sys.argv[3], 0))  # as the agent's connect4 hook does
+c.settimeout(5)
+c.connect((sys.argv[1], int(sys.argv[2])))
 print(c.recv(200).decode())
 """
 
@@ -52,15 +57,17 @@ def namespaces():
         yield net
 
 
-def connect(ns: str, host: str, port: int, uid: int = 0) -> str:
-    result = sh("ip", "netns", "exec", ns, *as_uid(uid), sys.executable, "-c", CLIENT, host, str(port), check=False)
+def connect(ns: str, host: str, port: int, uid: int = 0, mark: int | None = None) -> str:
+    marked = [hex(mark)] if mark is not None else []
+    result = sh("ip", "netns", "exec", ns, *as_uid(uid), sys.executable, "-c", CLIENT, host, str(port), *marked,
+                check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
 
-def reached(ns: str, host: str, port: int, uid: int = 0) -> str:
+def reached(ns: str, host: str, port: int, uid: int = 0, mark: int | None = None) -> str:
     """Which listener answered (for connections that were not redirected)."""
-    return connect(ns, host, port, uid).split()[0]
+    return connect(ns, host, port, uid, mark).split()[0]
 
 
 def test_redirect_captures_inbound_and_outbound_but_not_the_proxy_or_health(namespaces):
@@ -90,3 +97,12 @@ def test_excluded_ports_bypass_the_sidecar_both_ways(namespaces):
     assert reached(pod, PEER_IP, 8080) == "peer", "an excluded outbound port goes straight out"
     assert connect(pod, PEER_IP, 80) == f"outbound {PEER_IP}:80", "other ports are still captured"
     assert reached(peer, POD_IP, 8080) == "app", "an excluded inbound port reaches the app directly"
+
+
+def test_connections_the_kernel_split_bypass_the_sidecar(namespaces):
+    """The node agent's connect4 hook marks what it rewrote: the redirect lets those through."""
+    namespaces.install_redirect()
+    pod = namespaces.pod
+    assert reached(pod, PEER_IP, 8080, mark=BYPASS_MARK) == "peer"
+    assert connect(pod, PEER_IP, 8080, mark=BYPASS_MARK + 1) == f"outbound {PEER_IP}:8080", "another mark is captured"
+    assert connect(pod, PEER_IP, 8080) == f"outbound {PEER_IP}:8080"

@@ -10,15 +10,12 @@ TLS and other protocols are relayed to their original destination (SO_ORIGINAL_D
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from podnet_support import CFG, NEEDS, PEER_IP, POD_IP, as_uid, pod_network, sh
+from podnet_support import NEEDS, PEER_IP, POD_IP, pod_network, sh
 
 from meshlet.mtls.ca import issue_workload, new_authority
 from meshlet.mtls.files import write_identity
@@ -105,31 +102,10 @@ def pod():
     authority = new_authority(now - dt.timedelta(minutes=5), name="example CA")
     with tempfile.TemporaryDirectory(prefix="meshlet-podnet-") as tmp, pod_network() as net:
         work = Path(tmp)
-        os.chmod(work, 0o755)
         write_identity(work / "tls", issue_workload(authority, SERVER_ID, now), authority.cert)
         net.start(net.peer, PEER, str(work / "tls" / "cert.pem"), str(work / "tls" / "key.pem"))
         net.start(net.pod, APP, "8080", "9090")  # the app: two ports, `--app` names only the first
-        home = work / "home"
-        home.mkdir()
-        os.chown(home, CFG.uid, CFG.uid)
-        (work / "policy.yaml").write_text(POLICY)
-        log = home / "sidecar.log"
-        with open(log, "wb") as err:
-            sidecar = subprocess.Popen(
-                ["ip", "netns", "exec", net.pod, *as_uid(CFG.uid), sys.executable, "-m", "meshlet.cli", "run",
-                 "--policy", str(work / "policy.yaml"), "--workers", "1",
-                 "--outbound", f"127.0.0.1:{CFG.outbound_port}", "--inbound", f"0.0.0.0:{CFG.inbound_port}",
-                 "--admin", f"127.0.0.1:{CFG.admin_port}"],
-                stdout=subprocess.DEVNULL, stderr=err,
-                # No -O re-exec: on this machine the venv's interpreter lives under /root, which
-                # setpriv can start for the sidecar's UID but the UID itself may not exec again.
-                env={**os.environ, "HOME": str(home), "MESHLET_WORKER_DEBUG": "1"},
-            )
-        net.processes.append(sidecar)
-        deadline = time.monotonic() + 60
-        while "ready outbound=" not in log.read_text():
-            assert sidecar.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        log = net.run_sidecar(work, POLICY)
         net.install_redirect()
         yield net, work / "tls" / "ca.pem", log
 

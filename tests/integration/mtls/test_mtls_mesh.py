@@ -137,7 +137,7 @@ def test_plain_backend_to_a_strict_sidecar_is_refused(pair, a_policy):
 
 # Routes with a deadline or retries go through meshlet's own upstream client, not mitmproxy's:
 # the same mTLS, identity check and metrics must hold there.
-DEADLINE = 'timeout: 500ms\n      retries: {attempts: 2, "on": [5xx]}'
+DEADLINE = 'timeout: 500ms\n      retries: {attempts: 2, retryOn: [5xx]}'
 
 
 def test_route_timeout_and_retries_hold_over_mtls(pair, a_policy, app):

@@ -66,15 +66,15 @@ def shared_policy(port: dict[str, int]) -> str:
         policy("dead-timed", {"dead": port["dead"]}, "    - name: dead\n      to: [{backend: dead}]\n      timeout: 2s\n"),
         policy("retry", {"dead": port["dead"], "v2": port["v2"]}, (
             "    - name: retry\n      to: [{backend: dead, weight: 99}, {backend: v2, weight: 1}]\n"
-            "      retries: {attempts: 1, on: [connect-failure]}\n"
+            "      retries: {attempts: 1, retryOn: [connect-failure]}\n"
         )),
         policy("retry-timed", {"dead": port["dead"], "v2": port["v2"]}, (
             "    - name: retry\n      to: [{backend: dead, weight: 99}, {backend: v2, weight: 1}]\n"
-            "      timeout: 5s\n      retries: {attempts: 1, on: [connect-failure]}\n"
+            "      timeout: 5s\n      retries: {attempts: 1, retryOn: [connect-failure]}\n"
         )),
         policy("flaky", {"flaky": port["flaky"], "v1": port["v1"]}, (
             "    - name: flaky\n      to: [{backend: flaky, weight: 99}, {backend: v1, weight: 1}]\n"
-            "      retries: {attempts: 1, on: [5xx]}\n"
+            "      retries: {attempts: 1, retryOn: [5xx]}\n"
         )),
     ]
     return "---\n".join(docs)
@@ -187,7 +187,7 @@ def test_invalid_put_gives_400_with_every_error_and_keeps_old_table(sidecar, bac
     assert status == 200
     bad = policy("reviews", {"v1": backends.port["v1"]}, (
         "    - name: canary\n      to: [{backend: v1, weight: 100}]\n"
-        "      timeout: soon\n      retries: {attempts: 1, on: [bogus]}\n"
+        "      timeout: soon\n      retries: {attempts: 1, retryOn: [bogus]}\n"
     ))
     status, answer = admin(sidecar, "PUT", "/policy", bad.encode())
     assert status == 400
@@ -308,6 +308,29 @@ def test_apply_shows_diff_then_applies(backends):
         as_json = json.dumps(yaml.safe_load(policy("reviews", v12, CANARY)))
         assert admin(sidecar, "PUT", "/policy", as_json.encode()) == (200, {"generation": 3})
         assert get(sidecar.outbound, host="reviews").status == 200
+
+
+DEPRECATED_ON = CANARY + "      retries: {attempts: 1, on: [5xx]}\n"  # line 12 of policy(); `on` at column 30
+WARNING = ":12:30: warning: TrafficPolicy 'reviews' spec.routes[0].retries: 'on' is deprecated, write 'retryOn': "
+
+
+def test_deprecated_retry_on_warns_in_run_apply_and_put_and_still_applies(backends):
+    v12 = {"v1": backends.port["v1"], "v2": backends.port["v2"]}
+    text = policy("reviews", v12, DEPRECATED_ON)
+    with run_sidecar(text) as sidecar:
+        assert f"policy.yaml{WARNING}YAML 1.1 readers such as kubectl's" in sidecar.stderr()
+        path = sidecar.log.parent / "deprecated.yaml"
+        path.write_text(text.replace("weight: 90", "weight: 50").replace("weight: 10", "weight: 50"))
+        applied = subprocess.run([MESHLET, "apply", str(path), "--sidecar", sidecar.admin_url],
+                                 capture_output=True, text=True, timeout=30)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stderr.splitlines() == [f"{path}{WARNING}YAML 1.1 readers such as kubectl's read a bare "
+                                               "`on:` key as the boolean true"]
+        assert "applied: generation 2" in applied.stdout
+        status, answer = admin(sidecar, "PUT", "/policy", text.encode())
+        assert (status, answer["generation"]) == (200, 3)
+        assert [w.split(": warning: ")[0] for w in answer["warnings"]] == ["policy:12:30"]
+        assert admin(sidecar, "PUT", "/policy", text.replace(" on:", " retryOn:").encode()) == (200, {"generation": 4})
 
 
 def test_apply_to_unreachable_sidecar_is_one_line_exit_1(tmp_path, backends):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from sidecar_support import policy, run_sidecar
+from sidecar_support import free_port, policy, run_sidecar
 
 from meshlet.mtls.ca import issue_workload, new_authority
 from meshlet.mtls.files import write_identity
@@ -109,3 +109,29 @@ def test_https_requests_flow_through_the_tunnel(sidecar, https_server):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"payments")
     assert "TLS handshake failed" not in sidecar.stderr()
+
+
+def test_plaintext_grpc_through_the_sidecar_as_http_proxy_reaches_its_server(sidecar, engine):
+    """grpcio with `http_proxy` set opens a CONNECT tunnel and speaks h2c inside it: both engines
+    relay it to the tunnel's target (the mitmproxy engine, which cannot read h2c, untouched)."""
+    grpc = pytest.importorskip("grpc", reason="needs grpcio (the test extra of pyproject.toml)")
+    from concurrent import futures
+
+    echo = grpc.method_handlers_generic_handler("meshlet.test.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(lambda request, context: b"echo:" + request)})
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[echo])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    def call(proxy: str) -> bytes:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.http_proxy", proxy)]) as channel:
+            return channel.unary_unary("/meshlet.test.Echo/Say")(b"hi", timeout=10)
+
+    try:
+        with pytest.raises(grpc.RpcError):  # proof that the channel goes through its proxy, loopback or not
+            call(f"http://127.0.0.1:{free_port()}")
+        assert call(f"http://{sidecar.outbound[0]}:{sidecar.outbound[1]}") == b"echo:hi"
+    finally:
+        server.stop(None)
+    if engine == "mitmproxy":
+        assert f"to 127.0.0.1:{port} at L4: policy does not apply to it" in sidecar.stderr()

@@ -141,3 +141,10 @@ def test_hook_numbers_are_the_kernel_enums_bcc_knows():
         "meshlet_getpeername4": (bcc.BPFProgType.CGROUP_SOCK_ADDR, bcc.BPFAttachType.CGROUP_INET4_GETPEERNAME),
     }
     assert {h.function: (h.prog_type, h.attach_type) for h in SOCKMAP.hooks + SPLIT.hooks} == expected
+
+
+def test_a_backend_protocol_keeps_auto_on_the_proxy_and_names_the_backend():
+    mark, message = ineligible(policy("auto", backends='127.0.0.2:9082", protocol: "http2'))
+    assert message == "backend v2 needs the proxy to speak protocol http2"
+    assert (mark.line, mark.column) == (9, 5)
+    assert wants_kernel(policy("auto", backends='127.0.0.2:9082", protocol: "auto'))

@@ -19,6 +19,7 @@ def test_examples_are_valid():
     result = run("validate", *examples)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(": valid (") == len(examples)
+    assert result.stderr == ""  # no example uses a deprecated field
 
 
 def test_weight_typo_prints_file_line_col_and_exits_1(tmp_path):
@@ -43,3 +44,57 @@ def test_missing_file():
     result = run("validate", "/nonexistent/policy.yaml")
     assert result.returncode == 1
     assert result.stderr.strip() == "/nonexistent/policy.yaml:1:1: cannot read policy file: No such file or directory"
+
+
+def test_a_deprecated_field_warns_and_exits_0(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text((REPO / "policies" / "canary.yaml").read_text().replace("retryOn:", "on:"))
+    result = run("validate", str(old))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{old}: valid (TrafficPolicy reviews host=reviews 1 route)\n"
+    assert result.stderr.splitlines() == [
+        f"{old}:15:30: warning: TrafficPolicy 'reviews' spec.routes[0].retries: 'on' is deprecated, write 'retryOn': "
+        "YAML 1.1 readers such as kubectl's read a bare `on:` key as the boolean true"]
+
+
+def test_warnings_are_printed_with_the_errors_of_an_invalid_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "policies" / "canary.yaml").read_text().replace("retryOn:", "on:").replace("5xx", "5xxx"))
+    result = run("validate", str(bad))
+    assert result.returncode == 1
+    warning, error = result.stderr.splitlines()
+    assert warning.startswith(f"{bad}:15:30: warning: ") and error.startswith(f"{bad}:15:52: ")
+    assert "'5xxx' is not one of" in error
+def test_validate_says_where_dataplane_auto_runs_and_why(tmp_path):
+    auto = tmp_path / "auto.yaml"
+    auto.write_text("""\
+apiVersion: meshlet.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews}
+spec:
+  host: reviews
+  dataplane: auto
+  backends: {v1: {address: "reviews-v1:9080"}, v2: {address: "reviews-v2:9080"}}
+  routes: [{name: canary, to: [{backend: v1, weight: 90}, {backend: v2, weight: 10}]}]
+---
+apiVersion: meshlet.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ratings}
+spec:
+  host: ratings
+  dataplane: auto
+  backends: {v1: {address: "ratings:9080"}}
+  routes:
+    - name: beta
+      match: {headers: {x-group: beta}}
+      to: [{backend: v1}]
+    - name: all
+      to: [{backend: v1}]
+""")
+    result = run("validate", str(auto))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"{auto}: valid (TrafficPolicy reviews host=reviews 1 route, dataplane auto: kernel; "
+        f"TrafficPolicy ratings host=ratings 2 routes, dataplane auto: proxy "
+        f"(2 routes: the kernel splits one default route, at {auto}:14:3))\n"
+    )

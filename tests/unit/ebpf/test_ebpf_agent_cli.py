@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,18 @@ def test_stats_without_an_agent_says_so():
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("meshlet: stats: cannot read http://127.0.0.1:9/metrics") and "meshlet agent" in line
+
+
+def test_cluster_flags_are_checked_before_anything_is_loaded(tmp_path):
+    cases = {
+        ("--kube",): "meshlet: agent: --kube needs this node's name: --node NAME or $NODE_NAME",
+        ("--kube", "--node", "n1", "--policy", "policies/qos.yaml"): "meshlet: agent: --policy is for a plain host",
+        ("--kube", "--node", "n1", "--cgroup", "pod1"): "meshlet: agent: --cgroup is for a plain host",
+        ("--kube", "--node", "n1", "--cgroup-root", str(tmp_path)):
+            f"meshlet: agent: --cgroup-root {tmp_path} is not a cgroup v2 directory",
+    }
+    for args, expected in cases.items():
+        result = subprocess.run([str(MESHLET), "agent", *args], capture_output=True, text=True, timeout=60, cwd=REPO,
+                                env={**os.environ, "NODE_NAME": ""})
+        assert result.returncode == 1, args
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(expected), (args, result.stderr)

@@ -52,3 +52,27 @@ def test_observed_ports_come_from_qos_classes_backends_and_flags():
     ports = policy_ports(POLICY.qos, traffic, [8080])
     assert {9081, 9082, 9000, 8080} <= ports
     assert {b.address.port for p in traffic for b in p.backends} <= ports
+
+
+def test_a_class_that_selects_pods_pools_its_workloads_on_any_port():
+    """The agent tags a Pod's sockets with the class its labels chose (the class, not the port,
+    is what the loop steers); other workloads, and other classes' Pods, stay out."""
+    policy = load_text("""
+apiVersion: meshlet.dev/v1alpha1
+kind: QoSPolicy
+metadata: {name: node}
+spec:
+  interface: eth0
+  classes:
+    latency: {priority: 0, rate: 5mbit, slo: {p99: 50ms}, podSelector: {matchLabels: {tier: web}}}
+    bulk:    {priority: 2, rate: 1mbit, podSelector: {matchLabels: {tier: batch}}}
+""").qos[0]
+
+    def tagged(workload: str, qos_class: str, values_us: list[int]) -> TcpHistogram:
+        plain = srtt(0, "out", values_us)
+        return TcpHistogram("srtt", 0, "out", plain.counts, plain.sum_seconds, "shop", workload, qos_class)
+
+    after = TcpSnapshot((tagged("web", "latency", [2_000] * 99), tagged("etl", "bulk", [900_000] * 500),
+                         tagged("misc", "", [700_000] * 50)))
+    p99 = class_p99(policy, TcpSnapshot(), after)
+    assert p99["latency"] == pytest.approx(2.0e-3, rel=0.125)

@@ -45,7 +45,7 @@ def collector(read) -> CollectorRegistry:
 
 def test_histogram_buckets_are_the_kernel_slots_cumulated():
     registry = collector(lambda: SNAPSHOT)
-    labels = {"port": "9081", "direction": "out"}
+    labels = {"port": "9081", "direction": "out", "namespace": "", "workload": ""}
     get = registry.get_sample_value
     assert get("meshlet_tcp_connect_latency_seconds_count", labels) == 100
     assert get("meshlet_tcp_connect_latency_seconds_sum", labels) == pytest.approx(sum(LATENCIES) / 1e6)
@@ -53,7 +53,7 @@ def test_histogram_buckets_are_the_kernel_slots_cumulated():
     assert get("meshlet_tcp_connect_latency_seconds_bucket", {**labels, "le": "0.000096"}) == 0
     assert get("meshlet_tcp_connect_latency_seconds_bucket", {**labels, "le": "0.000112"}) == 50
     assert get("meshlet_tcp_connect_latency_seconds_bucket", {**labels, "le": "+Inf"}) == 100
-    assert get("meshlet_tcp_retransmits_total", {"port": "9081", "direction": "in"}) == 7
+    assert get("meshlet_tcp_retransmits_total", {**labels, "direction": "in"}) == 7
     assert get("meshlet_ebpf_missed_events_total", {"tracepoint": "tcp:tcp_probe"}) == 3
 
 
@@ -67,7 +67,23 @@ def test_a_failed_map_read_skips_the_metrics_instead_of_failing_the_scrape():
 
 def test_series_with_the_wrong_slot_count_are_skipped():
     bad = TcpSnapshot((TcpHistogram("srtt", 1, "in", (1, 2, 3), 0.0),))
-    assert collector(lambda: bad).get_sample_value("meshlet_tcp_srtt_seconds_count", {"port": "1", "direction": "in"}) is None
+    labels = {"port": "1", "direction": "in", "namespace": "", "workload": ""}
+    assert collector(lambda: bad).get_sample_value("meshlet_tcp_srtt_seconds_count", labels) is None
+
+
+def test_a_workloads_series_carry_its_names_and_pool_its_classes():
+    """Port 0 is the workload's traffic on ports no policy names; the QoS class is not a label,
+    so a workload whose Pods sit in two classes (a label change rolling out) is one series."""
+    one = TcpHistogram("srtt", 0, "out", counts([1000] * 3), 0.003, "shop", "checkout", "latency")
+    two = TcpHistogram("srtt", 0, "out", counts([1000] * 2), 0.002, "shop", "checkout", "")
+    snapshot = TcpSnapshot((one, two), (TcpCounter(0, "out", 4, "shop", "checkout"),))
+    registry = collector(lambda: snapshot)
+    labels = {"port": "", "direction": "out", "namespace": "shop", "workload": "checkout"}
+    assert registry.get_sample_value("meshlet_tcp_srtt_seconds_count", labels) == 5
+    assert registry.get_sample_value("meshlet_tcp_srtt_seconds_sum", labels) == pytest.approx(0.005)
+    assert registry.get_sample_value("meshlet_tcp_retransmits_total", labels) == 4
+    (row,) = percentile_rows(generate_latest(registry).decode())
+    assert (row.port, row.workload, row.count) == (0, "shop/checkout", 5)
 
 
 def test_quantiles_land_in_the_right_slot():

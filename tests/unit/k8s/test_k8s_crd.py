@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -30,6 +31,9 @@ def load_all(text: str) -> list[dict]:
     return list(yaml.load_all(text, Loader=Yaml12Loader))
 
 
+EXCLUSIVE = re.compile(r"!\(has\(self\.(\w+)\) && has\(self\.(\w+)\)\)")
+
+
 def to_jsonschema(node: object) -> object:
     if isinstance(node, list):
         return [to_jsonschema(n) for n in node]
@@ -38,6 +42,10 @@ def to_jsonschema(node: object) -> object:
     out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
     if node.get("x-kubernetes-int-or-string"):
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    for check in node.get("x-kubernetes-validations", []):  # CEL: only the rule the generator writes
+        exclusive = EXCLUSIVE.fullmatch(check["rule"])
+        assert exclusive, f"no translation of CEL rule {check['rule']!r}: add one here"
+        out["not"] = {"required": list(exclusive.groups())}
     if "properties" in node and "additionalProperties" not in node:
         out["additionalProperties"] = False
     return out
@@ -130,7 +138,12 @@ CASES = [
     ("attempts 10", _set(CANARY, "spec.routes.0.retries.attempts", 10), True),
     ("attempts 11", _set(CANARY, "spec.routes.0.retries.attempts", 11), False),
     ("attempts 0", _set(CANARY, "spec.routes.0.retries.attempts", 0), False),
-    ("retry on typo", _set(CANARY, "spec.routes.0.retries.on", ["5xxx"]), False),
+    ("retryOn typo", _set(CANARY, "spec.routes.0.retries.retryOn", ["5xxx"]), False),
+    ("retryOn gRPC", _set(CANARY, "spec.routes.0.retries.retryOn", ["unavailable", "deadline-exceeded"]), True),
+    ("deprecated on", _set(CANARY, "spec.routes.0.retries", {"attempts": 2, "on": ["5xx"]}), True),
+    ("retryOn and on", _set(CANARY, "spec.routes.0.retries.on", ["5xx"]), False),
+    ("protocol http2", _set(CANARY, "spec.backends.v1.protocol", "http2"), True),
+    ("protocol h2", _set(CANARY, "spec.backends.v1.protocol", "h2"), False),
     ("timeout 150ms", _set(CANARY, "spec.routes.0.timeout", "150ms"), True),
     ("timeout 1m30s", _set(CANARY, "spec.routes.0.timeout", "1m30s"), True),
     ("timeout 2 (no unit)", _set(CANARY, "spec.routes.0.timeout", "2"), False),

@@ -19,6 +19,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshlet.ebpf.kernel_split import BYPASS_MARK
 from meshlet.k8s import manifest, sidecar
 from meshlet.k8s.inject import inject_document, inject_pod
 from meshlet.k8s.sidecar import InjectConfig, Resources
@@ -140,6 +141,12 @@ def test_the_sidecar_args_keep_the_control_api_on_loopback():
     assert value["--admin"] == "127.0.0.1:15000" and value["--health"] == "[::]:15020"
     assert value["--outbound"] == "localhost:15001" and value["--inbound"] == "[::]:15006"
     assert value["--workload-labels"] == "/etc/meshlet/podinfo/labels"
+
+
+def test_connections_split_in_the_kernel_return_before_the_outbound_redirect():
+    lines = sidecar.redirect_script(CFG).splitlines()
+    marked = lines.index(f"ipt4 -A MESHLET_OUTPUT -m mark --mark {BYPASS_MARK:#x} -j RETURN")
+    assert marked < lines.index(f"ipt4 -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports {CFG.outbound_port}")
 
 
 def test_excluded_ports_from_annotations_bypass_the_redirect():

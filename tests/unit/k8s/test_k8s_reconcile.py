@@ -28,10 +28,23 @@ def weights(step) -> list[int]:
 
 
 def test_server_fields_are_dropped_before_loading():
-    text = policy_text(resource())
+    doc = resource()
+    doc["spec"]["routes"][0]["retries"] = {"attempts": 2, "on": ["5xx"]}  # the deprecated name
+    text = policy_text(doc)
     for field in ("uid", "resourceVersion", "managedFields", "status", "generation"):
         assert field not in text
     assert '"on": [' in text  # JSON: the `on` key cannot become a boolean
+
+
+def test_a_deprecated_field_applies_and_its_warning_is_in_the_condition():
+    doc = resource()
+    doc["spec"]["routes"][0]["retries"] = {"attempts": 2, "on": ["5xx"]}
+    step = Reconciler().event("ADDED", doc, NOW)
+    assert step.policies.traffic[0].routes[0].retries.on == ("5xx",)
+    assert step.condition.ready
+    assert step.condition.message.startswith("in use; trafficpolicy/shop/reviews:")
+    assert "warning: TrafficPolicy 'reviews' spec.routes[0].retries: 'on' is deprecated, write 'retryOn'" in (
+        step.condition.message)
 
 
 def test_good_update_swaps_and_reports_ready():

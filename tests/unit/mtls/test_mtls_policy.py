@@ -42,7 +42,7 @@ def test_a_section_without_selector_is_the_namespace_default_for_every_workload(
         assert mtls.mode == "STRICT" and mtls.allow == (FRONTEND,)
 
 
-def test_a_selector_applies_to_the_workloads_whose_labels_carry_it_all():
+def test_a_selector_applies_to_the_workloads_it_matches():
     policies = load_text(SCOPED).traffic
     assert inbound_mtls(policies, {"app": "ratings", "version": "v1"}).mode == "STRICT"
     assert inbound_mtls(policies, {"app": "ratings"}).allow == (FRONTEND,)
@@ -50,6 +50,10 @@ def test_a_selector_applies_to_the_workloads_whose_labels_carry_it_all():
     assert inbound_mtls(policies, {}).mode == "PERMISSIVE"
     assert inbound_mtls(policies, {"app": "legacy"}).mode == "PERMISSIVE"  # one of two labels: not selected
     assert inbound_mtls(policies, {"app": "legacy", "tier": "old"}).mode == "DISABLE"
+    expressions = doc("canary", "{mode: STRICT, selector: {matchExpressions: [{key: track, operator: In, "
+                                "values: [canary, beta]}]}}")
+    scoped = load_text(expressions).traffic
+    assert inbound_mtls(scoped, {"track": "beta"}).mode == "STRICT" and inbound_mtls(scoped, {}).mode == "PERMISSIVE"
 
 
 def test_without_an_applicable_section_inbound_is_permissive():
@@ -94,9 +98,9 @@ def test_two_selectors_picking_one_workload_are_refused_by_its_sidecar_and_named
 
 
 @pytest.mark.parametrize(("selector", "message"), [
-    ("{matchLabels: {}}", "matchLabels: name at least one label"),
-    ("{matchLabels: {-app: x}}", "'-app' is not a Kubernetes label key"),
-    ("{matchLabels: {app: 'a b'}}", "'a b' is not a Kubernetes label value"),
+    ("{matchLabels: {}}", "selector: name at least one label"),
+    ("{}", "selector: name at least one label"),
+    ("{matchExpressions: [{key: app, operator: In}]}", "operator In needs values"),
     ("{labels: {app: x}}", "unknown field 'labels'"),
 ])
 def test_malformed_selectors_are_located(selector, message):

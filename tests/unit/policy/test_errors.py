@@ -211,6 +211,32 @@ def test_qos_values_in_base_units():
     assert (cls.rate, cls.ceil, cls.slo.p99, cls.ports) == (50_000_000, 1_000_000_000, 0.05, (9081,))
 
 
+def test_qos_pod_and_node_selectors_match_as_kubernetes_does():
+    policy = load_text(QOS.replace("  interface: eth0\n", "  interface: eth0\n  nodeSelector: {matchLabels: {pool: edge}}\n") + """\
+    latency: {priority: 0, rate: 5mbit, podSelector: {matchLabels: {tier: web}, matchExpressions: [
+               {key: canary, operator: DoesNotExist}]}}
+    bulk: {priority: 2, rate: 1mbit, podSelector: {matchExpressions: [{key: tier, operator: In, values: [batch, web]}]}}
+    default: {priority: 1, rate: 1mbit}
+""").qos[0]
+    assert policy.node_selector.matches({"pool": "edge"}) and not policy.node_selector.matches({"pool": "core"})
+    assert policy.class_of({"tier": "web"}) == "latency", "both select it: the lowest priority number wins"
+    assert policy.class_of({"tier": "web", "canary": "yes"}) == "bulk"
+    assert policy.class_of({"tier": "batch"}) == "bulk"
+    assert policy.class_of({"app": "x"}) is None, "no selector takes it: its ports, or the default class"
+
+
+@pytest.mark.parametrize(("selector", "where", "message"), [
+    ("{matchLabels: {tier: [a]}}", "7:75", "podSelector.matchLabels.tier: expected a string"),
+    ("{matchExpressions: [{key: tier, operator: In}]}", "7:74", "operator In needs values"),
+    ("{matchExpressions: [{key: tier, operator: Exists, values: [a]}]}", "7:112", "operator Exists takes no values"),
+    ("{matchExpressions: [{key: tier, operator: in, values: [a]}]}", "7:96", "'in' is not one of In, NotIn, Exists, DoesNotExist (did you mean 'In'?)"),
+    ("{matchLabel: {tier: web}}", "7:55", "unknown field 'matchLabel' (did you mean 'matchLabels'?)"),
+])
+def test_selector_errors_are_located(selector, where, message):
+    error = only_error(QOS + f"    latency: {{priority: 0, rate: 5mbit, podSelector: {selector}}}\n")
+    assert error.startswith(f"p.yaml:{where}: ") and message in error, error
+
+
 def test_malformed_yaml_reports_the_parser_position():
     error = only_error("apiVersion: meshlet.dev/v1alpha1\nkind: [TrafficPolicy\nspec: {}\n")
     assert error.startswith("p.yaml:3:5: malformed YAML")

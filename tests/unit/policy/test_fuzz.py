@@ -25,7 +25,7 @@ def assert_loads_or_locates(text: str) -> None:
     except PolicyInvalid as e:
         assert e.errors, "PolicyInvalid without errors"
         lines = text.count("\n") + 2
-        for error in e.errors:
+        for error in (*e.errors, *e.warnings):
             assert error.mark.file == "fuzz.yaml"
             assert 1 <= error.mark.line <= lines, str(error)
             assert error.mark.column >= 1, str(error)
@@ -37,12 +37,12 @@ def assert_loads_or_locates(text: str) -> None:
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-10, 200), st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=12), st.sampled_from(["v1", "v2", "100", "2s", "STRICT", "127.0.0.1:9081", "mesh", "ip"]),
+    st.text(max_size=12), st.sampled_from(["v1", "v2", "100", "2s", "STRICT", "127.0.0.1:9081", "mesh", "ip", "http2", "unavailable"]),
 )
 keys = st.sampled_from([
     "apiVersion", "kind", "metadata", "spec", "name", "host", "backends", "routes", "to", "backend", "weight",
     "match", "headers", "cookies", "path", "prefix", "regex", "exact", "method", "sticky", "header", "cookie",
-    "source", "timeout", "retries", "attempts", "on", "mtls", "mode", "allow", "qos", "class", "interface",
+    "source", "timeout", "retries", "attempts", "on", "retryOn", "protocol", "mtls", "mode", "allow", "qos", "class", "interface",
     "classes", "rate", "ceil", "priority", "ports", "slo", "p99", "address", "tls", "identity", "dataplane",
 ]) | st.text(max_size=6)
 trees = st.recursive(scalars, lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=5),

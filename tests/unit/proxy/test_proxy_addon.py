@@ -128,16 +128,17 @@ def test_buffered_client_only_when_a_deadline_or_replay_needs_it():
     assert not needs_pool(decision())
     assert not needs_pool(decision(Retries(1, ("connect-failure",))))
     assert needs_pool(decision(Retries(1, ("5xx",))))
+    assert not needs_pool(decision(Retries(1, ("unavailable", "internal"))))  # gRPC: not the HTTP/1.1 client's
     assert needs_pool(decision(timeout=1.0))
     assert needs_pool(decision(timeout=1.0, tls="mesh"))  # the buffered client speaks mesh mTLS too
 
 
 def test_h2c_upgrade_is_served_as_http11():
-    from meshlet.proxy.mitm.h2c import RefuseH2c
+    from meshlet.proxy.mitm.h2c import H2c
 
     f = flow(upgrade="h2c", connection="Upgrade, HTTP2-Settings", http2_settings="AAMAAABkAAQAAP__")
-    RefuseH2c().requestheaders(f)
+    H2c().requestheaders(f)
     assert not {"upgrade", "connection", "http2-settings"} & {name.lower() for name in f.request.headers}
     g = flow(upgrade="websocket", connection="Upgrade")
-    RefuseH2c().requestheaders(g)
+    H2c().requestheaders(g)
     assert g.request.headers["upgrade"] == "websocket"  # WebSocket upgrades are left alone

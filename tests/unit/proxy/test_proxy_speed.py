@@ -24,7 +24,7 @@ from test_proxy_addon import flow
 from test_proxy_addon import routing as beta_routing
 
 from meshlet.proxy.mitm.dispatch import LeanAddons
-from meshlet.proxy.mitm.h2c import RefuseH2c
+from meshlet.proxy.mitm.h2c import H2c
 from meshlet.proxy.mitm.routing import KEY, Routing
 from meshlet.proxy.state import PolicyState, compile_policy
 from meshlet.routing import Decision, decide
@@ -64,7 +64,7 @@ def canary_routing() -> Routing:
     return addon
 
 
-def one_request(addon: Routing, h2c: RefuseH2c, f: http.HTTPFlow, response: http.Response) -> None:
+def one_request(addon: Routing, h2c: H2c, f: http.HTTPFlow, response: http.Response) -> None:
     """Every meshlet hook of one streamed request, in mitmproxy's order."""
     f.metadata.clear()
     f.response = None
@@ -110,7 +110,7 @@ class TestSpeed:
         assert request_view(f).authority == "reviews.default:9080"
 
     def test_all_hooks_of_one_request(self, benchmark):
-        addon, h2c, f = canary_routing(), RefuseH2c(), flow(path="/reviews/1")
+        addon, h2c, f = canary_routing(), H2c(), flow(path="/reviews/1")
         response, calls = tflow.tresp(), []
 
         def request() -> None:
@@ -134,7 +134,7 @@ class TestSpeed:
 
     def test_lean_dispatch_of_one_request(self, benchmark):
         """The same hooks, dispatched the way the sidecar does (through LeanAddons)."""
-        addon, h2c, f = canary_routing(), RefuseH2c(), flow(path="/reviews/1")
+        addon, h2c, f = canary_routing(), H2c(), flow(path="/reviews/1")
         response = tflow.tresp()
         manager = lean_manager(h2c, addon)
 
@@ -234,7 +234,7 @@ class TestLeanAddons:
 
     def test_routing_addon_works_through_it(self):
         addon = beta_routing()
-        manager, f = lean_manager(RefuseH2c(), addon), flow(x_group="beta")
+        manager, f = lean_manager(H2c(), addon), flow(x_group="beta")
         complete(manager.handle_lifecycle(HttpRequestHeadersHook(f)))
         assert (f.request.host, f.request.port) == ("127.0.0.1", 9082)
 

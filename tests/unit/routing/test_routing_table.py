@@ -213,5 +213,7 @@ class TestTable:
 
     @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
     def test_example_policies_compile(self, path):
-        table = compile_table(load_file(path).traffic)
-        assert table.policy_for("reviews.default.svc.cluster.local") is not None
+        traffic = load_file(path).traffic
+        table = compile_table(traffic)
+        for policy in traffic:  # each governs its host's cluster FQDN too
+            assert table.policy_for(f"{policy.host}.{policy.metadata.namespace}.svc.cluster.local") is policy
