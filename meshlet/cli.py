@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshlet.commands.rollout",
     "meshlet.commands.ca",
     "meshlet.commands.cert",
+    "meshlet.commands.identity",
     "meshlet.commands.agent",
     "meshlet.commands.stats",
     "meshlet.commands.tap",

@@ -80,10 +80,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
                         help="proxy processes sharing the listeners (default: CPU count)")
     parser.add_argument("--identity", type=Path, metavar="DIR",
-                        help="mesh identity dir (cert.pem, key.pem, ca.pem from `meshlet cert issue`): enables mTLS")
+                        help="mesh identity dir, followed for rotations: cert.pem, key.pem, ca.pem (`meshlet cert "
+                             "issue`), or tls.crt, tls.key, ca.crt (cert-manager csi-driver-spiffe), or svid.pem, "
+                             "svid_key.pem, svid_bundle.pem (SPIRE spiffe-helper): enables mTLS")
     parser.add_argument("--ca", type=Path, metavar="DIR",
                         help="local mode: the mesh CA dir (`meshlet ca init`); the sidecar reissues its --identity "
                              "certificate from it once half its lifetime has passed")
+    parser.add_argument("--identity-server", metavar="URL",
+                        help="instead of --identity: fetch the workload certificate from `meshlet identity serve` "
+                             "(https://...), key kept in memory, renewed at half its lifetime")
+    parser.add_argument("--identity-token", type=Path, metavar="FILE",
+                        help="with --identity-server: the ServiceAccount token (audience meshlet) to present, "
+                             "read again for every request")
+    parser.add_argument("--trust-bundle", type=Path, metavar="FILE",
+                        help="with --identity-server: PEM file of the mesh CAs to trust, followed for CA rotations")
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
                         help="keep rollout state in DIR/rollouts.json so a restart resumes at the recorded step "
                              "(default: in memory only)")
@@ -180,6 +190,17 @@ def run(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     labels = _workload_labels(args.workload_labels)
     try:
+        config = SidecarConfig(
+            outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app, health=args.health,
+            strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
+            metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
+            identity_server=args.identity_server, identity_token=args.identity_token, trust_bundle=args.trust_bundle,
+            engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+            workload_labels=labels,
+        )
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    try:
         if cluster is not None:  # ready at once: see meshlet.k8s.follow for why not wait for policies
             applied = compile_policy("", 1)
         else:
@@ -188,34 +209,21 @@ def run(args: argparse.Namespace) -> int:
             if not text.strip():
                 load_text(text, args.policy)  # an empty policy file is an error, located by the loader
             applied = compile_policy(text, 1, args.policy)
-        require_identity(applied.policies, args.identity is not None, dict(labels))
+        require_identity(applied.policies, config.has_identity, dict(labels))
     except OSError as e:
         raise CommandError(f"{args.policy}: {e.strerror}") from None
     except PolicyInvalid as e:
         raise refused(e) from None
     print_warnings(applied.warnings)
-    if args.ca is not None and args.identity is None:
-        raise CommandError("--ca reissues the --identity certificate: give --identity DIR too")
-    if args.identity is not None:
-        try:
-            from meshlet.mtls.files import read_identity
-            from meshlet.mtls.reissue import Reissuer
+    identity_flags = (config.identity_dir, config.ca_dir, config.identity_server, config.identity_token,
+                      config.trust_bundle)
+    if any(flag is not None for flag in identity_flags):
+        from meshlet.mtls.source import check_identity_config  # cryptography: loaded only with an identity
 
-            read_identity(args.identity)  # checked once here, before any worker starts
-            if args.ca is not None:
-                Reissuer(args.identity, args.ca)
-        except IdentityError as e:
+        try:
+            check_identity_config(config)  # once here, before any worker starts
+        except (IdentityError, ValueError) as e:
             raise CommandError(str(e)) from None
-    try:
-        config = SidecarConfig(
-            outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app, health=args.health,
-            strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
-            metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
-            engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
-            workload_labels=labels,
-        )
-    except ValueError as e:
-        raise CommandError(str(e)) from None
     if args.state_dir is not None:
         try:
             args.state_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+# meshlet/bpf is a link to the repository's bpf/ in a checkout, and a copy of it in the wheel
+# (pyproject.toml's package-data), so an installed meshlet (the image) finds its C too.
+BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 HEADER = "meshlet_hist.h"
 OBSERVERS = ("tcp_connlat.c", "tcp_rtt.c", "tcp_retrans.c")
 CLASSIFIER = "tc_classify.c"

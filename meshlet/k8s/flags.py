@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from meshlet.k8s.sidecar import PULL_POLICIES, InjectConfig, Resources, check_quantity
+from meshlet.k8s.sidecar import IDENTITY_MODES, PULL_POLICIES, InjectConfig, Resources, check_quantity
 
 _DEFAULT = InjectConfig()
 
@@ -24,8 +24,10 @@ def _optional_quantity(text: str) -> str | None:
     return None if text.lower() in ("", "none") else _quantity(text)
 
 
-def _optional_name(text: str) -> str:
-    return "" if text.lower() in ("", "none") else text
+def _https(text: str) -> str:
+    if not text.startswith("https://"):
+        raise argparse.ArgumentTypeError(f"bad identity server {text!r}: expected https://HOST:PORT")
+    return text
 
 
 def _port(text: str) -> int:
@@ -58,9 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--admin-port", type=_port, default=_DEFAULT.admin_port, help="the control API, on loopback")
     group.add_argument("--health-port", type=_port, default=_DEFAULT.health_port,
                        help="/healthz /readyz /metrics on the Pod IP, for probes and Prometheus")
-    group.add_argument("--identity-secret", type=_optional_name, default=_DEFAULT.identity_secret,
-                       help="Secret with cert.pem/key.pem/ca.pem; {serviceAccount} is replaced; 'none' for no "
-                       "mTLS identity (default: %(default)s)")
+    group.add_argument("--identity-mode", choices=IDENTITY_MODES, default=_DEFAULT.identity,
+                       help="where sidecars get their workload certificate: server (`meshlet identity serve`, "
+                       "keys in memory), csi (cert-manager csi-driver-spiffe), none (no mTLS) (default: %(default)s)")
+    group.add_argument("--identity-server", type=_https, default=_DEFAULT.identity_server, metavar="URL",
+                       help="the identity service, with --identity-mode server (default: %(default)s)")
+    group.add_argument("--trust-bundle-configmap", default=_DEFAULT.trust_bundle, metavar="NAME",
+                       help="ConfigMap (key ca.pem) with the mesh CAs, in each injected namespace "
+                       "(default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> InjectConfig:
@@ -74,5 +81,7 @@ def config_from_args(args: argparse.Namespace) -> InjectConfig:
         admin_port=args.admin_port,
         health_port=args.health_port,
         workers=args.proxy_workers,
-        identity_secret=args.identity_secret,
+        identity=args.identity_mode,
+        identity_server=args.identity_server,
+        trust_bundle=args.trust_bundle_configmap,
     )

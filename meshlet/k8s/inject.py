@@ -139,8 +139,7 @@ def _inject_pod(template: dict, cfg: InjectConfig, bypass: sidecar.Bypass) -> No
     spec["initContainers"] = [
         sidecar.init_container(cfg, bypass), sidecar.proxy_container(cfg, _app_port(containers)), *inits,
     ]
-    account = spec.get("serviceAccountName") if isinstance(spec.get("serviceAccountName"), str) else "default"
-    spec["volumes"] = [*volumes, *sidecar.volumes(cfg, account)]
+    spec["volumes"] = [*volumes, *sidecar.volumes(cfg)]
 
 
 def _app_port(containers: list) -> int | None:

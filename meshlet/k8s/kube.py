@@ -44,6 +44,14 @@ class Cluster:
 
 def connect(context: str | None = None, kubeconfig: str | None = None) -> Cluster:
     """Kubeconfig (`$KUBECONFIG` or ~/.kube/config, optionally one context), else in-cluster."""
+    from kubernetes import client
+
+    api_client, namespace = connect_client(context, kubeconfig)
+    return Cluster(client.CustomObjectsApi(api_client), namespace)
+
+
+def connect_client(context: str | None = None, kubeconfig: str | None = None) -> tuple[object, str]:
+    """`connect`'s ApiClient (for any API group) and the namespace to default to."""
     from kubernetes import client, config
 
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
@@ -56,7 +64,7 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> Cluste
             raise KubeError(f"kubeconfig {path}: {e}") from None
         chosen = next((c for c in contexts if c["name"] == context), active) if context else active
         namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
-        return Cluster(client.CustomObjectsApi(api_client), namespace)
+        return api_client, namespace
     if context:
         raise KubeError(f"--context {context}: no kubeconfig at {path}")
     try:
@@ -64,7 +72,7 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> Cluste
     except config.ConfigException as e:
         raise KubeError(f"no kubeconfig at {path} and not running in a Pod ({e})") from None
     namespace = os.environ.get("POD_NAMESPACE") or _read(SERVICE_ACCOUNT_NAMESPACE) or "default"
-    return Cluster(client.CustomObjectsApi(), namespace)
+    return client.ApiClient(), namespace
 
 
 def _read(path: Path) -> str:

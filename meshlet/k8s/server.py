@@ -59,6 +59,60 @@ class ReloadingContext:
         return self._context
 
 
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with bounded bodies and no stock access log (callers log one line per request)."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # a client that stalls mid-request loses its thread, not the server
+
+    def read_body(self, limit: int) -> bytes | None:
+        """The request body, or None after answering 411/413 for a missing or oversized one."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self.send_body(411, b"Content-Length required\n", "text/plain")
+            return None
+        if int(length) > limit:
+            self.send_body(413, f"body over {limit} bytes\n".encode(), "text/plain")
+            self.close_connection = True
+            return None
+        return self.rfile.read(int(length))
+
+    def send_body(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class TlsServer(ThreadingHTTPServer):
+    """A threading HTTPS server that asks `context()` for the TLS context at each connection
+    (so a renewed certificate serves the next one) and does the handshake in the handler's thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[Handler], context: Callable[[], ssl.SSLContext],
+                 log: Callable[[str], None], name: str) -> None:
+        self.context, self.log, self.name = context, log, name
+        super().__init__(address, handler)
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        # Headers and body go out as separate writes; without this, Nagle plus the client's
+        # delayed ACK add ~40 ms to every answer.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        self.log(f"{self.name}: connection from {client_address[0]} failed: {exc!r}")
+
+
 def make_server(
     address: tuple[str, int], context: Callable[[], ssl.SSLContext], cfg: InjectConfig, *, fail_open: bool = True,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
@@ -68,65 +122,33 @@ def make_server(
     `context` is asked for the TLS context at each connection (a `ReloadingContext`).
     """
 
-    class Handler(BaseHTTPRequestHandler):
+    class Webhook(Handler):
         server_version = "meshlet-webhook"
-        protocol_version = "HTTP/1.1"
-        timeout = 30  # a client that stalls mid-request loses its thread, not the server
 
         def do_GET(self) -> None:
             if self.path == "/healthz":
-                self._send(200, b"ok\n", "text/plain")
+                self.send_body(200, b"ok\n", "text/plain")
             else:
-                self._send(404, b"not found\n", "text/plain")
+                self.send_body(404, b"not found\n", "text/plain")
 
         def do_POST(self) -> None:
             if self.path.split("?", 1)[0] != "/mutate":
-                self._send(404, b"not found; POST AdmissionReviews to /mutate\n", "text/plain")
+                self.send_body(404, b"not found; POST AdmissionReviews to /mutate\n", "text/plain")
                 return
-            length = self.headers.get("Content-Length", "")
-            if not length.isdigit():
-                self._send(411, b"Content-Length required\n", "text/plain")
+            body = self.read_body(MAX_BODY)
+            if body is None:
                 return
-            if int(length) > MAX_BODY:
-                self._send(413, f"body over {MAX_BODY} bytes\n".encode(), "text/plain")
-                self.close_connection = True
-                return
-            body = self.rfile.read(int(length))
             try:
                 request = admission.parse(body)["request"]
             except admission.WebhookError as e:
                 log(f"webhook: 400 from {self.client_address[0]}: {e}")
-                self._send(400, f"bad AdmissionReview: {e}\n".encode(), "text/plain")
+                self.send_body(400, f"bad AdmissionReview: {e}\n".encode(), "text/plain")
                 return
             answer = admission.review(request, cfg, fail_open=fail_open)
             response = answer["response"]
             verdict = "patched" if "patch" in response else "allowed" if response["allowed"] else "denied"
             log(f"webhook: {verdict} {request.get('namespace', '')} uid={request['uid']}"
                 + "".join(f"; {w}" for w in response.get("warnings", [])))
-            self._send(200, json.dumps(answer).encode(), "application/json")
+            self.send_body(200, json.dumps(answer).encode(), "application/json")
 
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # one line per review is logged above; the stock access log would double it
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-
-        def get_request(self):  # TLS per connection, handshake in the handler's thread
-            sock, addr = super().get_request()
-            # Headers and body go out as separate writes; without this, Nagle plus the client's
-            # delayed ACK add ~40 ms to every review.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
-
-        def handle_error(self, request, client_address) -> None:
-            exc = sys.exc_info()[1]
-            log(f"webhook: connection from {client_address[0]} failed: {exc!r}")
-
-    return Server(address, Handler)
+    return TlsServer(address, Webhook, context, log, "webhook")

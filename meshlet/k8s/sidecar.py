@@ -18,15 +18,26 @@ from meshlet.ebpf.kernel_split import BYPASS_MARK
 
 PROXY_NAME = "meshlet-proxy"
 INIT_NAME = "meshlet-init"
-IDENTITY_VOLUME = "meshlet-identity"
+IDENTITY_VOLUME = "meshlet-identity"  # identity mode csi: cert-manager csi-driver-spiffe's volume
+TOKEN_VOLUME = "meshlet-token"  # identity mode server: the projected ServiceAccount token
+TRUST_VOLUME = "meshlet-trust"  # identity mode server: the trust bundle ConfigMap
 TMP_VOLUME = "meshlet-tmp"
 PODINFO_VOLUME = "meshlet-podinfo"
 IDENTITY_DIR = "/etc/meshlet/identity"
 PODINFO_DIR = "/etc/meshlet/podinfo"  # the Downward API's metadata.labels, for mtls.selector
+TOKEN_DIR, TOKEN_FILE = "/var/run/secrets/meshlet", "token"
+TRUST_DIR, TRUST_FILE = "/etc/meshlet/trust", "ca.pem"
+TOKEN_AUDIENCE = "meshlet"  # meshlet.mtls.wire.AUDIENCE: what `meshlet identity serve` asks the TokenReview for
+TOKEN_SECONDS = 3600  # the kubelet refreshes the token at 80% of this; the sidecar reads it for every request
+CSI_SPIFFE_DRIVER = "spiffe.csi.cert-manager.io"
 
 # Every name injection owns: removing these undoes an earlier injection (idempotency).
 CONTAINER_NAMES: frozenset[str] = frozenset({PROXY_NAME, INIT_NAME})
-VOLUME_NAMES: frozenset[str] = frozenset({IDENTITY_VOLUME, TMP_VOLUME, PODINFO_VOLUME})
+VOLUME_NAMES: frozenset[str] = frozenset({IDENTITY_VOLUME, TOKEN_VOLUME, TRUST_VOLUME, TMP_VOLUME,
+                                         PODINFO_VOLUME})
+# Where the workload certificate comes from: `meshlet identity serve` (keys in memory), cert-manager's
+# csi-driver-spiffe (a CSI volume the driver fills and renews), or nowhere (no mTLS).
+IDENTITY_MODES: tuple[str, ...] = ("server", "csi", "none")
 
 # Kubernetes resource quantities: 100m, 0.5, 64Mi, 1G, 1e3.
 _QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
@@ -59,7 +70,8 @@ class Resources:
 class InjectConfig:
     """The sidecar's image, resources and ports; defaults are the chart's values.yaml `proxy:`."""
 
-    image: str = f"ghcr.io/meshlet/meshlet:{__version__}"
+    # What `make image` builds and tags (scripts/image/build); a registry's name once pushed there.
+    image: str = f"localhost/meshlet:{__version__}"
     image_pull_policy: str = "IfNotPresent"
     resources: Resources = field(default_factory=Resources)
     uid: int = 1337
@@ -69,9 +81,12 @@ class InjectConfig:
     health_port: int = 15020  # on the Pod IP: /healthz /readyz /metrics for the kubelet and Prometheus
     # Proxy processes; `meshlet run` defaults to the CPU count, which in a Pod is the node's.
     workers: int = 1
-    # `{serviceAccount}` becomes the Pod's service account: one SPIFFE identity per account.
-    # Empty: no workload certificate, the sidecar runs without mTLS.
-    identity_secret: str = "meshlet-identity-{serviceAccount}"
+    # One SPIFFE identity per service account, from `identity_server` (the chart's identity
+    # Service; this default is `helm install meshlet -n meshlet-system`'s) with the mesh CAs from
+    # the ConfigMap `trust_bundle`. No workload key is ever in a Secret.
+    identity: str = "server"
+    identity_server: str = "https://meshlet-identity.meshlet-system.svc:15012"
+    trust_bundle: str = "meshlet-trust-bundle"
 
     @property
     def ports(self) -> frozenset[int]:
@@ -112,8 +127,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         "--workload-labels", f"{PODINFO_DIR}/labels",
         "--workers", str(cfg.workers),
     ]
-    if cfg.identity_secret:
-        args += ["--identity", IDENTITY_DIR]
+    args += identity_args(cfg)
     if app_port is not None:
         args += ["--app", f"127.0.0.1:{app_port}"]
 
@@ -149,7 +163,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": [
-            *([{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": True}] if cfg.identity_secret else []),
+            *identity_mounts(cfg),
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
             {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True},
         ],
@@ -263,16 +277,41 @@ def init_container(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> dict:
     }
 
 
-def volumes(cfg: InjectConfig, service_account: str) -> list[dict]:
-    """The workload certificate, a scratch dir and the Pod's labels.
+def identity_args(cfg: InjectConfig) -> list[str]:
+    if cfg.identity == "server":
+        return ["--identity-server", cfg.identity_server, "--identity-token", f"{TOKEN_DIR}/{TOKEN_FILE}",
+                "--trust-bundle", f"{TRUST_DIR}/{TRUST_FILE}"]
+    if cfg.identity == "csi":
+        return ["--identity", IDENTITY_DIR]
+    return []
 
-    The Secret is required: a missing one holds the Pod in ContainerCreating with an event
-    naming it, which says more than a sidecar failing to read an empty directory.
+
+def identity_mounts(cfg: InjectConfig) -> list[dict]:
+    if cfg.identity == "server":
+        return [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+                {"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": True}]
+    if cfg.identity == "csi":
+        return [{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": True}]
+    return []
+
+
+def volumes(cfg: InjectConfig) -> list[dict]:
+    """What the identity needs, and a scratch dir. The identity is the Pod's service account,
+    which the token (or the CSI driver) proves: nothing per account to configure or store.
+
+    Server mode: a projected token only the identity service accepts (audience meshlet, an hour,
+    bound to the Pod: deleting the Pod revokes it) and the trust bundle ConfigMap, which is
+    required: a missing one holds the Pod in ContainerCreating with an event naming it. No Secret.
     """
     tmp = {"name": TMP_VOLUME, "emptyDir": {}}
-    podinfo = {"name": PODINFO_VOLUME,
+    podinfo = {"name": PODINFO_VOLUME,  # the Pod's labels, for mtls.selector (--workload-labels)
                "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
-    if not cfg.identity_secret:
-        return [tmp, podinfo]
-    secret = cfg.identity_secret.replace("{serviceAccount}", service_account)
-    return [{"name": IDENTITY_VOLUME, "secret": {"secretName": secret}}, tmp, podinfo]
+    if cfg.identity == "server":
+        token = {"serviceAccountToken": {"audience": TOKEN_AUDIENCE, "expirationSeconds": TOKEN_SECONDS,
+                                         "path": TOKEN_FILE}}
+        return [{"name": TOKEN_VOLUME, "projected": {"sources": [token]}},
+                {"name": TRUST_VOLUME, "configMap": {"name": cfg.trust_bundle, "items": [
+                    {"key": TRUST_FILE, "path": TRUST_FILE}]}}, tmp, podinfo]
+    if cfg.identity == "csi":
+        return [{"name": IDENTITY_VOLUME, "csi": {"driver": CSI_SPIFFE_DRIVER, "readOnly": True}}, tmp, podinfo]
+    return [tmp, podinfo]

@@ -37,6 +37,8 @@ def _context(identity: Identity, method: int, alpn_select) -> SSL.Context:
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     ctx.use_certificate(identity.cert)
+    for intermediate in identity.chain:
+        ctx.add_extra_chain_cert(intermediate)
     ctx.use_privatekey(identity.key)
     ctx.check_privatekey()
     store = ctx.get_cert_store()

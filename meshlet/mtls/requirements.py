@@ -1,10 +1,11 @@
 """What a policy asks of this sidecar, checked before the policy is accepted.
 
-A sidecar started without `--identity` cannot honour `mtls.mode: STRICT` (every mesh peer would
-be refused at the handshake, so the workload goes dark) nor originate mTLS to a `tls: mesh`
-backend (every request would fail upstream). And this workload's inbound rules must be one
-mtls section, not two selectors that both pick it. All are refused when the policy is loaded
-— at start-up and on PUT /policy — rather than discovered one failed request at a time.
+A sidecar started without an identity (`--identity` or `--identity-server`) cannot honour
+`mtls.mode: STRICT` (every mesh peer would be refused at the handshake, so the workload goes
+dark) nor originate mTLS to a `tls: mesh` backend (every request would fail upstream). And this
+workload's inbound rules must be one mtls section, not two selectors that both pick it. All are
+refused when the policy is loaded — at start-up and on PUT /policy — rather than discovered one
+failed request at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from meshlet.mtls.inbound import NO_LABELS, Labels, inbound_mtls, mtls_conflicts
 from meshlet.policy import PolicyError, PolicyInvalid
 from meshlet.policy.model import TrafficPolicy
 
-HINT = "the sidecar runs without --identity (start it with --identity DIR from `meshlet cert issue`)"
+HINT = ("the sidecar runs without an identity (start it with --identity DIR from `meshlet cert issue`, or with "
+        "--identity-server URL)")
 
 
 def identity_problems(policies: Sequence[TrafficPolicy], workload_labels: Labels = NO_LABELS) -> list[PolicyError]:

@@ -9,13 +9,12 @@ by meshlet.mtls.verify. Peers are named by SPIFFE ID, not DNS, so hostname check
 from __future__ import annotations
 
 import ssl
-import tempfile
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshlet.mtls.files import Identity
+from meshlet.mtls.memkey import load_key_and_chain
 
 
 def client_context(identity: Identity, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
@@ -37,15 +36,7 @@ def _present(context: ssl.SSLContext, identity: Identity, alpn: tuple[str, ...])
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(list(alpn))
-    # load_cert_chain reads files only: a private 0600 file for the moment it takes.
-    with tempfile.TemporaryDirectory(prefix="meshlet-tls-") as directory:
-        chain = Path(directory) / "identity.pem"
-        chain.touch(mode=0o600)
-        key = identity.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        chain.write_bytes(key + _pem(identity.cert).encode())
-        context.load_cert_chain(chain)
+    load_key_and_chain(context, identity.key, (identity.cert, *identity.chain))  # the key never touches disk
     return context
 
 

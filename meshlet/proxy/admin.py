@@ -103,7 +103,9 @@ class AdminApi:
         if path == "/healthz" and method == "GET":
             return Reply(200, b"ok\n")
         if path == "/readyz" and method == "GET":
-            return Reply(200, b"ready\n") if self.ready() else Reply(503, b"not ready: listeners not up\n")
+            if self.ready():
+                return Reply(200, b"ready\n")
+            return Reply(503, b"not ready: listeners not up, or no workload certificate yet\n")
         if path == "/certs" and method == "GET" and self.certs is not None:
             return _json(200, self.certs())
         if (path == "/rollouts" or path.startswith("/rollouts/")) and self.rollouts is not None:

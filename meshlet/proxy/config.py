@@ -39,7 +39,8 @@ def check_admin(address: Address) -> Address:
 
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
-    """`identity_dir` (cert.pem, key.pem, ca.pem) switches on mesh TLS; None runs cleartext.
+    """An identity (`identity_dir`, or `identity_server` with `identity_token` and `trust_bundle`)
+    switches on mesh TLS (meshlet.mtls.source); without one the sidecar runs cleartext.
 
     `admin` is loopback-only (checked here, so no path builds a sidecar that serves its control
     API to the network); `health` is the read-only port for probes and scrapes; `control` is
@@ -60,6 +61,9 @@ class SidecarConfig:
     workload: str = "unknown"
     identity_dir: Path | None = None
     ca_dir: Path | None = None  # local mode: reissue the identity from this CA before it expires
+    identity_server: str | None = None  # `meshlet identity serve`: each process fetches its own certificate
+    identity_token: Path | None = None  # projected ServiceAccount token, re-read for every request
+    trust_bundle: Path | None = None  # the mesh CAs, followed for rotations
     header_timeout: float = 10.0  # lean engine: a request head must arrive within this (408)
     idle_timeout: float = 60.0  # lean engine: idle keep-alive client connections are closed after this
     engine: str = "lean"  # lean | mitmproxy (meshlet.proxy.engine)
@@ -75,6 +79,10 @@ class SidecarConfig:
         addresses = (self.outbound, self.inbound, self.admin, self.health)
         return frozenset(a.port for a in addresses if a is not None and a.port)
 
+    @property
+    def has_identity(self) -> bool:
+        return self.identity_dir is not None or self.identity_server is not None
+
     def mode_specs(self) -> list[str]:
         """mitmproxy modes: `regular` takes both Host-header and absolute-form (HTTP_PROXY) requests."""
         return [
@@ -84,16 +92,19 @@ class SidecarConfig:
 
 
 _ADDRESSES = ("outbound", "inbound", "admin", "app", "health")
+_PATHS = ("identity_dir", "ca_dir", "identity_token", "trust_bundle")
 
 
 def config_to_json(config: SidecarConfig) -> dict:
-    """For handing the config to worker processes."""
+    """For handing the config to worker processes. It holds paths and names, never a key or a
+    token: each worker reads those itself."""
     value = {name: getattr(config, name) for name in SidecarConfig.__dataclass_fields__}
     for name in _ADDRESSES:
         value[name] = [value[name].host, value[name].port] if value[name] is not None else None
-    value["identity_dir"] = str(config.identity_dir) if config.identity_dir else None
-    value["ca_dir"] = str(config.ca_dir) if config.ca_dir else None
+    for name in _PATHS:
+        value[name] = str(value[name]) if value[name] is not None else None
     value["addons"] = list(config.addons)
+    value["workload_labels"] = [list(pair) for pair in config.workload_labels]
     return value
 
 
@@ -101,8 +112,8 @@ def config_from_json(value: dict) -> SidecarConfig:
     fields = dict(value)
     for name in _ADDRESSES:
         fields[name] = Address(fields[name][0], int(fields[name][1])) if fields.get(name) else None
-    fields["identity_dir"] = Path(fields["identity_dir"]) if fields.get("identity_dir") else None
-    fields["ca_dir"] = Path(fields["ca_dir"]) if fields.get("ca_dir") else None
+    for name in _PATHS:
+        fields[name] = Path(fields[name]) if fields.get(name) else None
     fields["workload_labels"] = tuple((k, v) for k, v in fields.get("workload_labels", ()))
     fields["addons"] = tuple(fields.get("addons", ()))
     return SidecarConfig(**fields)

@@ -51,7 +51,7 @@ async def serve(
     rollouts = None if rollout is None else make_rollouts(rollout, registry, registry)
     if rollouts is not None:
         applied = resume_rollouts(rollouts, applied)
-    state = PolicyState(applied, config.identity_dir is not None, dict(config.workload_labels))
+    state = PolicyState(applied, config.has_identity, dict(config.workload_labels))
     tap = TapHub()
     engine = make_engine(config, state, metrics, tap)
     outbound, inbound = await engine.start()

@@ -31,7 +31,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from meshlet.mtls.files import identity_certs
 from meshlet.policy.model import Address
 from meshlet.proxy import httpserver
 from meshlet.proxy.admin import GENERATION_HEADER, WEIGHTS_HEADER, AdminApi, DistributionError
@@ -46,7 +45,7 @@ from meshlet.telemetry.proxy import ProxyMetrics, enable_multiprocess, multiproc
 
 log = logging.getLogger("meshlet.proxy")
 START_TIMEOUT = 60.0
-PUT_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -98,22 +97,29 @@ async def _start_worker(config: SidecarConfig, applied: Applied, env: dict[str, 
     return Worker(process, answer["ready"]["admin"])
 
 
-async def _put(control: str, applied: Applied) -> None:
-    """PUT the policy to one worker's socket; OSError unless it answers 200."""
-    body = applied.source.encode()
-    head = (f"PUT /policy HTTP/1.1\r\nHost: worker\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
-            f"{GENERATION_HEADER}: {applied.table.generation}\r\n"
-            f"{WEIGHTS_HEADER}: {json.dumps(applied.weights)}\r\n\r\n")
-    reader, writer = await asyncio.wait_for(httpserver.connect(control), PUT_TIMEOUT)
+async def _request(control: str, method: str, path: str, body: bytes = b"",
+                   headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One request to a worker's private API (its Unix socket): (status, body); OSError when unreachable."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    reader, writer = await asyncio.wait_for(httpserver.connect(control), REQUEST_TIMEOUT)
     try:
-        writer.write(head.encode("latin-1") + body)
-        answer = await asyncio.wait_for(reader.read(), PUT_TIMEOUT)
+        writer.write(head.encode("latin-1") + b"\r\n" + body)
+        answer = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT)
     finally:
         writer.close()
-    status = answer.split(b"\r\n", 1)[0]
-    if not status.startswith(b"HTTP/1.1 200"):
-        detail = answer.partition(b"\r\n\r\n")[2].decode("utf-8", "replace").strip()
-        raise OSError(f"worker answered {status.decode('latin-1', 'replace')}: {detail}")
+    status, _, rest = answer.partition(b"\r\n")
+    if not status.startswith(b"HTTP/1.1 ") or not status[9:12].isdigit():
+        raise OSError(f"worker answered {status[:80]!r}")
+    return int(status[9:12]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def _put(control: str, applied: Applied) -> None:
+    """PUT the policy to one worker with its generation and rollout overlay; OSError unless 200."""
+    headers = {GENERATION_HEADER: str(applied.table.generation), WEIGHTS_HEADER: json.dumps(applied.weights)}
+    status, body = await _request(control, "PUT", "/policy", applied.source.encode(), headers)
+    if status != 200:
+        raise OSError(f"worker answered {status}: {body.decode('utf-8', 'replace').strip()}")
 
 
 class Supervisor:
@@ -122,13 +128,15 @@ class Supervisor:
             config, outbound=_claim_port(config.outbound), inbound=_claim_port(config.inbound),
             health=None, reuse_port=True,
         )
-        self.state = PolicyState(applied, config.identity_dir is not None, dict(config.workload_labels))
+        self.state = PolicyState(applied, config.has_identity, dict(config.workload_labels))
         self.count = count
         self.private_dir = private_dir  # 0700: the workers' metrics files and control sockets
         self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(private_dir / "metrics")}
         self.workers: list[Worker] = []
         self.stopping = False
         self.started = 0
+        self._ready: dict[str, bool] = {}  # worker control socket → its last /readyz
+        self._certs: dict = {"identity": None}  # a worker's last GET /certs
 
     def _start_worker(self) -> Awaitable[Worker]:
         """A new worker with its own control socket (a restarted one gets a fresh path)."""
@@ -143,6 +151,28 @@ class Supervisor:
         if errors:
             await self.stop(5.0)
             raise StartupError(str(errors[0]))
+        await self.look_at_workers()
+
+    async def look_at_workers(self) -> None:
+        """Each worker's readiness (it may wait for its certificate) and one worker's certificate:
+        the workers hold the identities, the supervisor only reports them."""
+        workers = list(self.workers)
+        answers = await asyncio.gather(*(_request(w.control, "GET", "/readyz") for w in workers),
+                                       return_exceptions=True)
+        self._ready = {w.control: a == (200, b"ready\n") for w, a in zip(workers, answers, strict=True)}
+        if workers:
+            with contextlib.suppress(OSError, ValueError):
+                status, body = await _request(workers[0].control, "GET", "/certs")
+                if status == 200:
+                    self._certs = json.loads(body)
+
+    async def follow_workers(self, interval: float = 1.0) -> None:
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            await self.look_at_workers()
+
+    def certs(self) -> dict:
+        return self._certs
 
     async def distribute(self, applied: Applied) -> None:
         results = await asyncio.gather(*(_put(w.control, applied) for w in self.workers), return_exceptions=True)
@@ -153,7 +183,8 @@ class Supervisor:
             )
 
     def ready(self) -> bool:
-        return len(self.workers) == self.count and all(w.process.returncode is None for w in self.workers)
+        return len(self.workers) == self.count and all(
+            w.process.returncode is None and self._ready.get(w.control, False) for w in self.workers)
 
     async def watch(self) -> None:
         """Restart a worker that exits while we are not stopping."""
@@ -208,7 +239,8 @@ async def supervise(
         try:
             render = multiprocess_render(metrics_dir)
             api = AdminApi(supervisor.state, metrics, supervisor.ready, supervisor.distribute, render,
-                           certs=identity_certs(config.identity_dir), rollouts=rollouts, tap=taps.lines)
+                           certs=supervisor.certs if config.has_identity else None, rollouts=rollouts,
+                           tap=taps.lines)
             endpoints = await start_endpoints(api, config)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -219,11 +251,13 @@ async def supervise(
                 **endpoints.addresses, "generation": str(applied.table.generation), "workers": str(count),
             })
             watcher = asyncio.ensure_future(supervisor.watch())
+            follower = asyncio.ensure_future(supervisor.follow_workers())
             ticker = asyncio.ensure_future(api.run_rollouts()) if rollouts is not None else None
             await stop.wait()
             log.info("draining: passing SIGTERM to %d worker(s)", len(supervisor.workers))
             endpoints.close()
             watcher.cancel()
+            follower.cancel()
             if ticker is not None:
                 ticker.cancel()
         finally:

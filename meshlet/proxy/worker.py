@@ -23,6 +23,7 @@ def _say(message: dict) -> None:
 
 def main() -> int:
     reexec_optimized(["-m", "meshlet.proxy.worker"])  # stdin (the job) is kept
+    from meshlet.mtls.files import IdentityError
     from meshlet.proxy.config import config_from_json
     from meshlet.proxy.serve import StartupError, run_serve, setup_logging
     from meshlet.proxy.state import compile_policy
@@ -32,7 +33,7 @@ def main() -> int:
     try:
         applied = compile_policy(job["policy"], int(job["generation"]), "policy", job.get("weights"))
         return run_serve(config_from_json(job["config"]), applied, lambda addrs: _say({"ready": addrs}))
-    except (StartupError, PolicyInvalid) as e:
+    except (StartupError, PolicyInvalid, IdentityError) as e:
         _say({"error": str(e).splitlines()[0]})
         return 1
     except KeyboardInterrupt:

@@ -19,6 +19,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* The injected sidecar's image: the chart's own unless proxy.image names another. */}}
+{{- define "meshlet.proxyImage" -}}
+{{ .Values.proxy.image | default (include "meshlet.image" .) }}
+{{- end -}}
+
+{{/* The agent's: the same image's -agent variant (Containerfile.agent) unless agent.image names one. */}}
+{{- define "meshlet.agentImage" -}}
+{{ .Values.agent.image | default (printf "%s-agent" (include "meshlet.image" .)) }}
+{{- end -}}
+
 {{- define "meshlet.webhookName" -}}
 {{ include "meshlet.fullname" . }}-webhook
 {{- end -}}
@@ -32,4 +42,13 @@ capabilities:
   drop: [ALL]
 seccompProfile:
   type: RuntimeDefault
+{{- end -}}
+
+{{- define "meshlet.identityName" -}}
+{{ include "meshlet.fullname" . }}-identity
+{{- end -}}
+
+{{/* The Secret holding the mesh CA dir: the user's, or the one the chart creates once. */}}
+{{- define "meshlet.caSecretName" -}}
+{{ .Values.meshCA.existingSecret | default (printf "%s-mesh-ca" (include "meshlet.fullname" .)) }}
 {{- end -}}

@@ -77,10 +77,13 @@ class LeanEngine:
         self.tap = tap
         self.mtls_metrics = MtlsMetrics(metrics.registry)
         self.identity: LeanIdentity | None = None
-        if config.identity_dir is not None:
+        if config.has_identity:
+            from meshlet.mtls.source import identity_source
             from meshlet.proxy.lean.tls import LeanIdentity
 
-            self.identity = LeanIdentity(config.identity_dir, self.mtls_metrics, config.ca_dir)
+            source = identity_source(config)  # IdentityError: the CLI says it in one line
+            if source is not None:
+                self.identity = LeanIdentity(source, self.mtls_metrics)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.pool: UpstreamPool = None  # type: ignore[assignment]
         self.connections: set[Downstream] = set()
@@ -97,6 +100,13 @@ class LeanEngine:
     # --- Engine ------------------------------------------------------------------------------
     async def start(self) -> tuple[str, str]:
         self.loop = asyncio.get_running_loop()
+        if self.identity is not None:
+            from meshlet.mtls.errors import IdentityError
+
+            try:
+                await self.identity.start()
+            except IdentityError as e:
+                raise StartupError(str(e)) from None
         self.pool = UpstreamPool()
         config = self.config
         outbound = listen_socket(config.outbound, config.reuse_port)
@@ -110,13 +120,11 @@ class LeanEngine:
         self.loop.add_reader(inbound.fileno(), self._accept_inbound)
         self.own_ports = frozenset((outbound.getsockname()[1], inbound.getsockname()[1], config.admin.port))
         self._sweeper = self.loop.create_task(self._sweep())
-        if self.identity is not None:
-            self.identity.start()
         self.listening = True
         return _describe(outbound), _describe(inbound)
 
     def ready(self) -> bool:
-        return self.listening
+        return self.listening and (self.identity is None or self.identity.ready())
 
     def certs(self) -> dict:
         return self.identity.certs() if self.identity is not None else {"identity": None}
@@ -204,7 +212,8 @@ class LeanEngine:
         mode = inbound_mtls(self.state.table.policies).mode
         if not is_tls:
             self.mtls_metrics.handshake("inbound", "plaintext")
-        if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and not self.identity):
+        no_certificate = self.identity is None or self.identity.server is None
+        if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and no_certificate):
             log.info("inbound connection refused: %s on a %s port", "TLS" if is_tls else "plaintext", mode)
             _close_quietly(sock)
             return

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import socket
 import ssl
 from collections.abc import Callable
-from pathlib import Path
 
 from cryptography import x509
 
-from meshlet.mtls.files import IdentityError, describe
-from meshlet.mtls.reissue import Reissuer
-from meshlet.mtls.rotation import IdentityWatcher
+from meshlet.mtls.source import POLL_SECONDS, IdentitySource
 from meshlet.mtls.stdlib import client_context, server_context
 from meshlet.mtls.upstream import UpstreamTls, classify
 from meshlet.mtls.verify import Verdict, judge_identity
@@ -30,58 +26,62 @@ from meshlet.policy.model import Backend
 from meshlet.telemetry.mtls import MtlsMetrics
 
 log = logging.getLogger("meshlet.proxy")
-POLL_SECONDS = 1.0
 
 
 class LeanIdentity:
-    """This workload's certificate as standard-library contexts; `None` of it without `--identity`."""
+    """This workload's certificate as standard-library contexts, from the shared identity source
+    (an identity dir, local reissue, or the identity service: meshlet.mtls.source). Until the
+    source holds a certificate the contexts are None: inbound TLS is refused, mesh backends fail."""
 
-    def __init__(self, directory: Path, metrics: MtlsMetrics, ca_dir: Path | None = None) -> None:
-        self.watcher = IdentityWatcher(directory)  # IdentityError at start-up: the caller refuses to run
+    def __init__(self, source: IdentitySource, metrics: MtlsMetrics) -> None:
+        self.source = source
         self.metrics = metrics
-        self.reissuer = Reissuer(directory, ca_dir) if ca_dir is not None else None
-        self._reissue_error = ""
-        self._build()
+        self.server: ssl.SSLContext | None = None
+        self.client: ssl.SSLContext | None = None
+        self.client_h2: ssl.SSLContext | None = None
+        self.serial = ""
         self._poller: asyncio.Task | None = None
+        self._build()
 
     def _build(self) -> None:
-        identity = self.watcher.current.identity
+        contexts = self.source.current
+        if contexts is None:
+            return
+        identity = contexts.identity
         self.server = server_context(identity, ("h2", "http/1.1"))  # HTTP/2 between sidecars when both speak it
         self.client = client_context(identity)
         self.client_h2 = client_context(identity, ("h2",))
         self.serial = identity.serial
         self.metrics.cert_expiry.set(identity.not_after.timestamp())
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """The first certificate request (IdentityError when refused for good), then the follower."""
+        await self.source.start()
+        self._build()
         self._poller = asyncio.get_running_loop().create_task(self._follow())
 
     def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        self.source.close()
+
+    def ready(self) -> bool:
+        return self.source.ready()
 
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            if self.reissuer is not None and self.reissuer.due(self.watcher.current.identity.cert, _now()):
-                await self._reissue(self.reissuer)
-            if self.watcher.poll():
+            if self.source.poll():
                 self._build()
 
-    async def _reissue(self, reissuer: Reissuer) -> None:
-        try:  # key generation and the dir's lock: off the event loop
-            await asyncio.to_thread(reissuer.reissue_if_due, _now())
-        except (IdentityError, ValueError, OSError) as e:  # keep serving the current certificate; retried next poll
-            if str(e) != self._reissue_error:
-                log.warning("cannot reissue the workload certificate (retrying): %s", e)
-            self._reissue_error = str(e)
-        else:
-            self._reissue_error = ""
-
     def certs(self) -> dict:
-        return {**describe(self.watcher.current.identity), "dir": str(self.watcher.directory)}
+        return self.source.describe()
 
-    def upstream(self, backend: Backend, h2: bool = False) -> UpstreamTls:
-        """How to reach a `tls: mesh` backend with the current certificate (ALPN `h2` for HTTP/2)."""
+    def upstream(self, backend: Backend, h2: bool = False) -> UpstreamTls | None:
+        """How to reach a `tls: mesh` backend with the current certificate (ALPN `h2` for HTTP/2);
+        None while no certificate is held."""
+        if self.client is None or self.client_h2 is None:
+            return None
         if h2:
             return UpstreamTls(self.client_h2, self.serial + "/h2", backend.identity or None, self._outbound)
         return UpstreamTls(self.client, self.serial, backend.identity or None, self._outbound)
@@ -96,6 +96,7 @@ class LeanIdentity:
         logged; on success the protocol judges the peer in `connection_made` (application data
         can arrive in the same turn of the loop as the end of the handshake)."""
         loop = asyncio.get_running_loop()
+        assert self.server is not None  # the engine refuses TLS before a certificate is held
         try:
             await loop.connect_accepted_socket(
                 protocol_factory, sock, ssl=self.server, ssl_handshake_timeout=timeout,
@@ -119,6 +120,3 @@ def peer_verdict(transport: asyncio.BaseTransport) -> Verdict:
         return Verdict("no_cert", detail="the peer sent no certificate")
     return judge_identity(x509.load_der_x509_certificate(der))
 
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

@@ -17,6 +17,7 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+from meshlet.mtls.files import IdentityError
 from meshlet.policy.model import Address
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError
@@ -37,8 +38,8 @@ def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[type
     from meshlet.proxy.mitm.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
     from meshlet.proxy.mitm.tunnel import PassThrough
 
-    mtls = mesh_tls_addons(config.identity_dir, lambda: routing.state.table.policies, routing.metrics.registry,
-                           config.ca_dir, dict(config.workload_labels))
+    mtls = mesh_tls_addons(config, lambda: routing.state.table.policies, routing.metrics.registry,
+                           dict(config.workload_labels))
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     routing.peer_identity = mtls[0].peer_identity
     return [
@@ -84,6 +85,10 @@ class MitmEngine:
         self.mtls: Any = self.master.addons.get("meshtls")
 
     async def start(self) -> tuple[str, str]:
+        try:
+            await self.mtls.start()  # the first certificate request: a refused token stops the start here
+        except IdentityError as e:
+            raise StartupError(str(e)) from None
         listening = await self.proxyserver.setup_servers()
         failed = [str(s.last_exception) for s in self.proxyserver.servers if s.last_exception]
         if not listening or failed:
@@ -93,7 +98,7 @@ class MitmEngine:
         return str(Address(*outbound[:2])), str(Address(*inbound[:2]))
 
     def ready(self) -> bool:
-        return all(s.is_running for s in self.proxyserver.servers)
+        return self.mtls.ready() and all(s.is_running for s in self.proxyserver.servers)
 
     def certs(self) -> dict:
         return self.mtls.certs()

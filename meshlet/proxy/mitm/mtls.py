@@ -25,8 +25,7 @@ import datetime as dt
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
@@ -36,10 +35,8 @@ from OpenSSL import SSL, crypto
 from prometheus_client import CollectorRegistry
 
 from meshlet.mtls.contexts import TlsContexts
-from meshlet.mtls.files import IdentityError, describe
 from meshlet.mtls.inbound import NO_LABELS, PEER_IDENTITY_HEADER, Labels, inbound_mtls, mesh_backends
-from meshlet.mtls.reissue import Reissuer
-from meshlet.mtls.rotation import IdentityWatcher
+from meshlet.mtls.source import POLL_SECONDS, IdentityConfig, IdentitySource, identity_source
 from meshlet.mtls.upstream import UpstreamTls, client_context
 from meshlet.mtls.verify import Result, Verdict, verify_peer
 from meshlet.policy.model import Backend, TrafficPolicy
@@ -51,11 +48,6 @@ log = logging.getLogger(__name__)
 MAX_RESUMABLE_PEERS = 1024  # outbound sessions kept for resumption; forgotten all at once past that
 
 
-def watch_identity(directory: Path) -> IdentityWatcher:
-    """Load an identity dir (IdentityError if unusable) and follow it, negotiating ALPN as mitmproxy does."""
-    return IdentityWatcher(directory, alpn_select=alpn_select_callback)
-
-
 @dataclass
 class _Probe:
     """The verify callback of one handshake, remembering its verdict for metrics and authorization."""
@@ -65,11 +57,15 @@ class _Probe:
     expect: tuple[str, ...] = ()
     verdict: Verdict | None = None
 
+    above: list = field(default_factory=list)  # the chain's certificates above the leaf, as OpenSSL walks down
+
     def callback(self, _conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth > 0:
+            self.above.insert(0, cert)
             return True  # the chain is judged as a whole at the leaf, by verify_peer
         try:
-            verdict = verify_peer([cert.to_cryptography()], self.bundle, self.now(), self.expect)
+            chain = [cert.to_cryptography(), *(c.to_cryptography() for c in self.above)]
+            verdict = verify_peer(chain, self.bundle, self.now(), self.expect)
         except ValueError as e:  # an extension cryptography cannot parse: not a certificate we issued
             verdict = Verdict("bad_ca", detail=f"unreadable certificate: {e}")
         if verdict.ok and not ok:  # OpenSSL found a fault verify_peer does not model: trust the stricter
@@ -84,23 +80,21 @@ def _now() -> dt.datetime:
 
 class MeshTls:
     """One per sidecar process. `policies` returns the running policies (read, never stored, per
-    connection or request, so a PUT /policy applies to the next handshake); `watcher` is None
-    when the sidecar runs without `--identity`: then TLS is refused inbound and not originated."""
+    connection or request, so a PUT /policy applies to the next handshake); `source` is None
+    when the sidecar runs without an identity, and holds no contexts until its first certificate:
+    meanwhile TLS is refused inbound and not originated."""
 
     def __init__(
         self,
-        watcher: IdentityWatcher | None,
+        source: IdentitySource | None,
         policies: Callable[[], Sequence[TrafficPolicy]],
         metrics: MtlsMetrics | None = None,
-        poll_interval: float = 1.0,
+        poll_interval: float = POLL_SECONDS,
         now: Callable[[], dt.datetime] = _now,
-        reissuer: Reissuer | None = None,
         workload_labels: Labels = NO_LABELS,
     ) -> None:
-        self.watcher = watcher
+        self.source = source
         self._labels = workload_labels  # which policy's mtls section is this workload's (mtls.selector)
-        self.reissuer = reissuer  # local mode (`--ca`): renew the certificate ourselves before it expires
-        self._reissue_error = ""
         self._policies = policies
         self.metrics = metrics or default_metrics()
         self._poll_interval = poll_interval
@@ -113,46 +107,47 @@ class MeshTls:
         self._mesh: dict[tuple[str, int], Backend] = {}
         self._poller: asyncio.Task | None = None
         self._upstream_context: tuple[str, ssl.SSLContext] | None = None  # (our serial, context)
-        if watcher is not None:
-            self._expiry(watcher.current)
+        self._expiry()
 
-    # --- lifecycle: follow the identity dir ------------------------------------------------
-    def running(self) -> None:
-        if self.watcher is not None and self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+    # --- lifecycle: follow the identity source ---------------------------------------------
+    async def start(self) -> None:
+        """The engine calls this before serving: the first certificate request (IdentityError
+        when refused for good), then the poll loop that swaps in rotations."""
+        if self.source is None or self._poller is not None:
+            return
+        await self.source.start()
+        self._expiry()
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
     def done(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+        if self.source is not None:
+            self.source.close()
 
     async def _poll_forever(self) -> None:
-        assert self.watcher is not None
+        assert self.source is not None
         while True:
             await asyncio.sleep(self._poll_interval)
-            if self.reissuer is not None and self.reissuer.due(self.watcher.current.identity.cert, self._now()):
-                await self._reissue(self.reissuer)
-            if self.watcher.poll():
-                self._expiry(self.watcher.current)
+            if self.source.poll():
+                self._expiry()
 
-    async def _reissue(self, reissuer: Reissuer) -> None:
-        try:  # key generation and the dir's lock: off the event loop
-            await asyncio.to_thread(reissuer.reissue_if_due, self._now())
-        except (IdentityError, ValueError, OSError) as e:  # keep serving the current certificate; retried next poll
-            if str(e) != self._reissue_error:
-                log.warning("cannot reissue the workload certificate (retrying): %s", e)
-            self._reissue_error = str(e)
-        else:
-            self._reissue_error = ""
+    def _expiry(self) -> None:
+        contexts = self._contexts()
+        if contexts is not None:
+            self.metrics.cert_expiry.set(contexts.identity.not_after.timestamp())
 
-    def _expiry(self, contexts: TlsContexts) -> None:
-        self.metrics.cert_expiry.set(contexts.identity.not_after.timestamp())
+    def _contexts(self) -> TlsContexts | None:
+        return None if self.source is None else self.source.current
+
+    def ready(self) -> bool:
+        """Without an identity there is nothing to wait for; with one, a certificate must be held."""
+        return self.source is None or self.source.ready()
 
     def certs(self) -> dict:
         """What `GET /certs` on the admin API shows."""
-        if self.watcher is None:
-            return {"identity": None}
-        return {**describe(self.watcher.current.identity), "dir": str(self.watcher.directory)}
+        return {"identity": None} if self.source is None else self.source.describe()
 
     # --- inbound -----------------------------------------------------------------------------
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
@@ -166,15 +161,16 @@ class MeshTls:
         mode = inbound_mtls(self._policies(), self._labels).mode
         if not is_tls:
             self.metrics.handshake("inbound", "plaintext")
-        if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and not self.watcher):
+        no_identity = self._contexts() is None
+        if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and no_identity):
             log.info("inbound %s refused: %s on a %s port", client.peername, "TLS" if is_tls else "plaintext", mode)
             nextlayer.layer = Refuse(nextlayer.context)
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         client = data.context.client
-        if data.ssl_conn is not None or self.watcher is None or not is_inbound(client):
+        contexts = self._contexts()
+        if data.ssl_conn is not None or contexts is None or not is_inbound(client):
             return
-        contexts = self.watcher.current
         probe = _Probe(contexts.identity.bundle, self._now)
         conn = SSL.Connection(contexts.server)
         conn.set_app_data(AppData(client_alpn=client.alpn, server_alpn=data.context.server.alpn,
@@ -241,11 +237,11 @@ class MeshTls:
         backend = self._mesh_backend(*server.address[:2])
         if backend is None:
             return
-        if self.watcher is None:  # mitmproxy's own TLS follows, and fails: the mesh CA is in no public bundle
-            log.warning("backend %s (%s) needs mesh mTLS but the sidecar runs without --identity",
+        contexts = self._contexts()
+        if contexts is None:  # mitmproxy's own TLS follows, and fails: the mesh CA is in no public bundle
+            log.warning("backend %s (%s) needs mesh mTLS but the sidecar holds no workload certificate",
                         backend.name, backend.address)
             return
-        contexts = self.watcher.current
         probe = _Probe(contexts.identity.bundle, self._now, (backend.identity,) if backend.identity else ())
         conn = SSL.Connection(contexts.client)
         conn.set_verify(SSL.VERIFY_PEER, probe.callback)
@@ -287,10 +283,11 @@ class MeshTls:
         self._peers.pop(data.server.id, None)
 
     def upstream(self, backend: Backend) -> UpstreamTls | None:
-        """mTLS for meshlet's own upstream client (routes with timeout/retries); None without --identity."""
-        if self.watcher is None:
+        """mTLS for meshlet's own upstream client (routes with timeout/retries); None without an identity."""
+        contexts = self._contexts()
+        if contexts is None:
             return None
-        identity = self.watcher.current.identity
+        identity = contexts.identity
         if self._upstream_context is None or self._upstream_context[0] != identity.serial:
             self._upstream_context = (identity.serial, client_context(identity))
         return UpstreamTls(self._upstream_context[1], identity.serial, backend.identity or None, self._upstream_result)
@@ -329,15 +326,13 @@ def _forbidden(reason: str) -> http.Response:
     return http.Response.make(403, f"meshlet: {reason}\n", {"content-type": "text/plain"})
 
 
-def mesh_tls_addons(identity_dir: Path | None, policies: Callable[[], Sequence[TrafficPolicy]],
-                    registry: CollectorRegistry, ca_dir: Path | None = None,
-                    workload_labels: Labels = NO_LABELS) -> list[MeshTls]:
-    """The addon as the sidecar adds it; raises IdentityError when `identity_dir` (or `ca_dir`,
-    local mode's CA for self-reissue) is unusable.
+def mesh_tls_addons(config: IdentityConfig, policies: Callable[[], Sequence[TrafficPolicy]],
+                    registry: CollectorRegistry, workload_labels: Labels = NO_LABELS) -> list[MeshTls]:
+    """The addon as the sidecar adds it, with the identity source `config` names
+    (meshlet.mtls.source); raises IdentityError when its files are unusable.
 
     Present even without an identity: STRICT must still refuse plaintext, and the identity
     header must still be stripped.
     """
-    watcher = watch_identity(identity_dir) if identity_dir is not None else None
-    reissuer = Reissuer(identity_dir, ca_dir) if identity_dir is not None and ca_dir is not None else None
-    return [MeshTls(watcher, policies, MtlsMetrics(registry), reissuer=reissuer, workload_labels=workload_labels)]
+    source = identity_source(config, alpn_select=alpn_select_callback)  # ALPN negotiated as mitmproxy does
+    return [MeshTls(source, policies, MtlsMetrics(registry), workload_labels=workload_labels)]

@@ -12,6 +12,10 @@ For the node agent it serves core/v1 Pods, Services and Nodes too (`put_core`, a
 kubelet, controllers and kubectl would write them): list and watch across all namespaces,
 Pods filtered by the `spec.nodeName` field selector, a Node by name; and lists and watches of
 the namespaced custom objects across all namespaces (`/apis/meshlet.dev/v1alpha1/trafficpolicies`).
+And it answers authentication.k8s.io/v1 TokenReviews (POST) for the tokens a test minted with
+`service_account_token`, as kube-apiserver does for projected ServiceAccount tokens: unknown or
+revoked tokens and tokens for none of the requested audiences come back `authenticated: false`
+with an error, a valid one with the ServiceAccount's username and the matching audiences.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 PREFIX = "/apis/meshlet.dev/v1alpha1/"
 CORE = "/api/v1/"
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/"
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 PLURALS = {"TrafficPolicy": "trafficpolicies", "QoSPolicy": "qospolicies", "Pod": "pods", "Service": "services",
            "Node": "nodes"}
 NAMESPACED = frozenset({"trafficpolicies", "pods", "services"})
@@ -55,6 +60,8 @@ class FakeApiServer:
         self.token = token
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) → object
         self.leases: dict[tuple[str, str], dict] = {}  # (namespace, name) → Lease
+        self.tokens: dict[str, tuple[str, tuple[str, ...]]] = {}  # token → (username, audiences)
+        self.reviews: list[dict] = []  # the TokenReview specs received
         self.events: list[tuple[int, str, str, str, dict]] = []  # (rv, type, plural, namespace, object)
         self.requests: list[tuple[str, str, str]] = []  # (method, path?query, content type)
         self.version = 100
@@ -121,6 +128,35 @@ class FakeApiServer:
             self.gone = True
             self.epoch += 1
             self.changed.notify_all()
+
+    def service_account_token(self, namespace: str, name: str, audiences: tuple[str, ...] = ("meshlet",)) -> str:
+        """A token as the kubelet projects it for a Pod running as ServiceAccount NAMESPACE/NAME."""
+        token = f"sa-{namespace}-{name}-{uuid.uuid4().hex}"
+        with self.changed:
+            self.tokens[token] = (f"system:serviceaccount:{namespace}:{name}", audiences)
+        return token
+
+    def revoke(self, token: str) -> None:
+        """As when the Pod or ServiceAccount the token is bound to is deleted."""
+        with self.changed:
+            self.tokens.pop(token, None)
+
+    def _review(self, spec: dict) -> dict:
+        wanted = spec.get("audiences") or ["https://kubernetes.default.svc"]
+        known = self.tokens.get(spec.get("token", ""))
+        if known is None:
+            return {"authenticated": False, "error": "[invalid bearer token, token has been invalidated]"}
+        username, audiences = known
+        matching = [a for a in wanted if a in audiences]
+        if not matching:
+            return {"authenticated": False,
+                    "error": f"[invalid bearer token, token audiences {list(audiences)} is invalid for the target "
+                             f"audiences {wanted}]"}
+        namespace = username.split(":")[2]
+        return {"authenticated": True, "audiences": matching,
+                "user": {"username": username, "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, username)),
+                         "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                    "system:authenticated"]}}
 
     def get(self, plural: str, namespace: str, name: str) -> dict | None:
         with self.changed:
@@ -222,7 +258,24 @@ class FakeApiServer:
                     self._send(201 if stored is None else 200, copy.deepcopy(lease))
 
             def do_POST(self) -> None:
-                self._lease_only()
+                if self.path.startswith(TOKEN_REVIEWS):
+                    self._token_review()
+                else:
+                    self._lease_only()
+
+            def _token_review(self) -> None:
+                """Only an authenticated caller may ask (kube-apiserver also checks RBAC: auth-delegator)."""
+                fake.requests.append((self.command, self.path, self.headers.get("Content-Type", "")))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.headers.get("Authorization") != f"Bearer {fake.token}":
+                    self._send(401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+                    return
+                with fake.changed:
+                    fake.reviews.append(body.get("spec") or {})
+                    status = fake._review(body.get("spec") or {})
+                self._send(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                 "metadata": {"creationTimestamp": None}, "spec": body.get("spec"),
+                                 "status": status})
 
             def do_PUT(self) -> None:
                 self._lease_only()

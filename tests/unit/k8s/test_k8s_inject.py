@@ -7,6 +7,7 @@ regenerate them with `MESHLET_REGEN_GOLDEN=1 pytest tests/unit/k8s` and review t
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -106,8 +107,8 @@ def test_sidecar_is_native_and_starts_before_the_app_and_other_init_containers()
         assert proxy[probe]["httpGet"] == {"path": "/readyz", "port": 15020}  # the read-only health port
     assert proxy["securityContext"]["runAsUser"] == 1337
     assert "--app" in proxy["args"] and proxy["args"][proxy["args"].index("--app") + 1] == "127.0.0.1:9080"
-    assert {"name": "meshlet-identity", "mountPath": "/etc/meshlet/identity", "readOnly": True} in proxy["volumeMounts"]
-    assert spec["volumes"][0]["secret"] == {"secretName": "meshlet-identity-default"}
+    assert {"name": "meshlet-token", "mountPath": "/var/run/secrets/meshlet", "readOnly": True} in proxy["volumeMounts"]
+    assert {"name": "meshlet-trust", "mountPath": "/etc/meshlet/trust", "readOnly": True} in proxy["volumeMounts"]
     assert [c["name"] for c in spec["containers"]] == ["productpage"]
     annotations = result.obj["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -305,12 +306,41 @@ def inject_pod_template(deployment: dict) -> dict:
     return obj
 
 
-def test_no_identity_secret_means_no_mtls_flag_and_no_volume():
+def test_identity_from_the_service_a_projected_token_and_no_secret():
     pod = yaml.safe_load((HERE / "manifests" / "pod-with-init.yaml").read_text())
-    spec = inject_pod(pod, InjectConfig(identity_secret="")).obj["spec"]
+    spec = inject_pod(pod, CFG).obj["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["meshlet-token"]["projected"] == {"sources": [{"serviceAccountToken": {
+        "audience": "meshlet", "expirationSeconds": 3600, "path": "token"}}]}
+    assert volumes["meshlet-trust"]["configMap"] == {"name": "meshlet-trust-bundle",
+                                                     "items": [{"key": "ca.pem", "path": "ca.pem"}]}
+    assert not [v for v in spec["volumes"] if "secret" in v], "no workload key in any Secret"
+    args = spec["initContainers"][1]["args"]
+    flags = dict(itertools.pairwise(args))
+    assert flags["--identity-server"] == "https://meshlet-identity.meshlet-system.svc:15012"
+    assert flags["--identity-token"] == "/var/run/secrets/meshlet/token"
+    assert flags["--trust-bundle"] == "/etc/meshlet/trust/ca.pem"
+    assert "--identity" not in args
+
+
+def test_identity_from_csi_driver_spiffe():
+    pod = yaml.safe_load((HERE / "manifests" / "pod-with-init.yaml").read_text())
+    spec = inject_pod(pod, InjectConfig(identity="csi")).obj["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["meshlet-identity"] == {"name": "meshlet-identity",
+                                           "csi": {"driver": "spiffe.csi.cert-manager.io", "readOnly": True}}
+    args = spec["initContainers"][1]["args"]
+    assert args[args.index("--identity") + 1] == "/etc/meshlet/identity" and "--identity-server" not in args
+    result = run("inject", "-q", "-f", "-", "--identity-mode", "csi", stdin=yaml.safe_dump(pod))
+    assert yaml.safe_load(result.stdout)["spec"] == spec
+
+
+def test_identity_mode_none_means_no_mtls_flag_and_no_volume():
+    pod = yaml.safe_load((HERE / "manifests" / "pod-with-init.yaml").read_text())
+    spec = inject_pod(pod, InjectConfig(identity="none")).obj["spec"]
     assert [v["name"] for v in spec["volumes"]] == ["meshlet-tmp", "meshlet-podinfo"]
     proxy = spec["initContainers"][1]
-    assert "--identity" not in proxy["args"]
+    assert not [a for a in proxy["args"] if a.startswith("--identity")]
     assert [m["name"] for m in proxy["volumeMounts"]] == ["meshlet-tmp", "meshlet-podinfo"]
-    result = run("inject", "-q", "-f", "-", "--identity-secret", "none", stdin=yaml.safe_dump(pod))
+    result = run("inject", "-q", "-f", "-", "--identity-mode", "none", stdin=yaml.safe_dump(pod))
     assert yaml.safe_load(result.stdout)["spec"] == spec
