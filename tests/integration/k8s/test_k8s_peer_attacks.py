@@ -3,7 +3,7 @@
 The Pod namespace (192.0.2.1, 2001:db8::1: dual stack) runs the injected init container's
 redirect script, then `meshlet run` as the sidecar's UID with the injected container's
 arguments (only the identity and labels files sit in a temp dir instead of /etc/meshlet, and
-`--engine` is the parameter). It follows the namespace's TrafficPolicies with `--watch-kube`
+`--engine` is the parameter; the certificate comes as a dir, as with csi-driver-spiffe). It follows the namespace's TrafficPolicies with `--watch-kube`
 from a fake API server in the peer namespace: the one faked part (tests/integration/k8s/
 fake_apiserver.py: no kube-apiserver can run here). The namespace's policies are those of the
 issue: a PERMISSIVE namespace default listed first, another workload's DISABLE, and this
@@ -17,6 +17,7 @@ or a loopback-only service, which policy generation runs, and what the metrics c
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -188,8 +189,10 @@ def write_mesh(work: Path) -> None:
 
 
 def sidecar_args(work: Path, engine: str) -> list[str]:
-    """The injected container's arguments, with its two files in `work` instead of /etc/meshlet."""
-    args = sidecar.proxy_container(CFG, APP_PORT)["args"]
+    """The injected container's arguments, with its two files in `work` instead of /etc/meshlet.
+    The identity comes as with `proxy.identity.mode=csi` (a certificate dir), not from the identity
+    service, which tests/integration/identity covers."""
+    args = sidecar.proxy_container(dataclasses.replace(CFG, identity="csi"), APP_PORT)["args"]
     args = [str(work / "certs" / "reviews") if a == sidecar.IDENTITY_DIR else a for a in args]
     args = [str(work / "labels") if a == f"{sidecar.PODINFO_DIR}/labels" else a for a in args]
     return [*args, "--engine", engine]
