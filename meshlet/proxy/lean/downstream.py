@@ -296,15 +296,37 @@ class Downstream(asyncio.Protocol):
             self.send(self.refusal)
             self.abort()
             return
+        if self.pending is not None:  # an Upgrade answered without 101: HTTP/1.1 goes on
+            self.engine.loop.call_soon(self._resume_http)
         self.idle_since = self.engine.loop.time()
         if self.engine.draining:
             self.abort()
 
+    def _resume_http(self) -> None:
+        """llhttp stops at an Upgrade request; when no protocol switch followed (h2c, which the
+        sidecar declines; a WebSocket the backend refused), what the client sent next is parsed
+        as HTTP/1.1 again, by a fresh parser."""
+        if self.detached or self.transport.is_closing():
+            return
+        self.parser = httptools.HttpRequestParser(self)
+        rest = self.take_pending()
+        if not self.held:
+            self.transport.resume_reading()
+        if rest:
+            self.data_received(rest)
+
     def refuse(self, status: int, message: str) -> None:
         """Answer a request llhttp or a limit refused, after those before it, and close."""
+        self.transport.pause_reading()
+        broken = self.parsing
+        if broken is not None and not broken.request_done:  # its body broke off: that request is refused
+            self.parsing = None
+            if broken is self.active:
+                broken.request_broken(status, message)
+                return
+            self.waiting.remove(broken)  # not started yet: refused in turn, below
         answer = local_response(status, message, close=True)
         self.engine.metrics.observe(self.direction, "invalid", "none", status, 0.0, "unknown")
-        self.transport.pause_reading()
         if self.active is None:
             self.transport.write(answer)
             self.transport.close()

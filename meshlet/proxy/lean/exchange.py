@@ -47,6 +47,7 @@ _SPECIAL = {
     **{name: _HOP for name in HOP_BY_HOP - {b"transfer-encoding", b"connection", b"upgrade"}},
 }
 _NO_BODY_STATUS = frozenset((204, 304))
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))  # names no other field
 
 
 class Exchange(Request):
@@ -82,7 +83,7 @@ class Exchange(Request):
         """Route the request; runs once it is the oldest unanswered request of its connection."""
         downstream = self.downstream
         lines: list[bytes] = []
-        host = b""
+        host: bytes | None = None
         length = b"0"
         te = None
         connection = None
@@ -91,23 +92,28 @@ class Exchange(Request):
             kind = _SPECIAL.get(name.lower())
             if kind is None:
                 lines.append(b"%s: %s\r\n" % (name, value))
-            elif kind == _HOST:
+            elif kind == _HOST:  # written below, from the target when it names an authority
+                if host is not None:  # RFC 9112 §3.2: which one would the backend believe?
+                    self.answer(400, "meshlet: malformed request: more than one Host field", close=True)
+                    return
                 host = value
-                lines.append(b"%s: %s\r\n" % (name, value))
             elif kind == _LENGTH:
                 length = value
                 lines.append(b"%s: %s\r\n" % (name, value))
             elif kind == _REQUEST_ID:
                 request_id = value
                 lines.append(b"%s: %s\r\n" % (name, value))
-            elif kind == _TE:
-                te = value
+            elif kind == _TE:  # repeated fields are one list (RFC 9110 §5.3)
+                te = value if te is None else te + b"," + value
             elif kind == _CONNECTION:
                 connection = value if connection is None else connection + b"," + value
             elif kind == _EXPECT:
                 self.expect = value.strip().lower() == b"100-continue"
             # _IDENTITY: set by the sidecar only, whatever the caller sent; _UPGRADE, _HOP: hop-by-hop
         if te is not None:
+            if te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":  # RFC 9112 §6.3: no framing, no request
+                self.answer(400, "meshlet: malformed request: Transfer-Encoding must end in chunked", close=True)
+                return
             if te.strip().lower() != b"chunked":  # RFC 9112 §6.1: a coding we would have to undo
                 self.answer(501, f"meshlet: transfer coding {te.decode('latin-1')!r} is not supported; "
                             "send chunked or Content-Length", close=True)
@@ -123,10 +129,8 @@ class Exchange(Request):
         if request_id is None:
             lines.append(b"x-request-id: %s\r\n" % self.request_id)
         authority, path = split_target(self.target)
-        self.authority = authority or host
+        self.authority = authority or host or b""
         self.path = path
-        if not host and self.authority:
-            lines.append(b"Host: %s\r\n" % self.authority)
         if self.method == b"CONNECT":
             self._tunnel()
             return
@@ -147,10 +151,21 @@ class Exchange(Request):
             self.route_name, self.backend, self.service = "inbound", "app", "app"
         elif not self._route():
             return
+        # RFC 9112 §3.2: an HTTP/1.1 request has one Host; a proxy makes it from an absolute-form
+        # target (§3.2.2), and from where it sends a request that had none (HTTP/1.0)
+        if self.authority:
+            lines.insert(0, b"Host: %s\r\n" % self.authority)
+        elif self.destination is not None:
+            where, port = self.destination
+            lines.insert(0, b"Host: %s:%d\r\n" % ((f"[{where}]" if ":" in where else where).encode(), port))
         if self.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if self.upgrade:
-            lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % self._field(b"upgrade"))
+            protocol = self._field(b"upgrade")
+            if protocol.strip().lower() == b"h2c":  # served as HTTP/1.1, as RFC 9113 lets a server:
+                self.upgrade = False  # after a 101, requests would pass as bytes, past the policy
+            else:
+                lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % protocol)
         self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, path or b"/", b"".join(lines))
         self.start_timer(self.timed_out)
         self.dispatch()
@@ -285,14 +300,19 @@ class Exchange(Request):
     def _response_head(self, status: int, reason: bytes, headers: list[Header], interim: bool = False) -> bytes:
         lines = [status_line(status, reason)]
         has_length = chunked = False
+        connection = None
         for name, value in headers:
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 chunked = chunked or lname == b"transfer-encoding"
+                if lname == b"connection":
+                    connection = value if connection is None else connection + b"," + value
                 continue
             if lname == b"content-length":
                 has_length = True
             lines.append(b"%s: %s\r\n" % (name, value))
+        if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
+            lines = _without_listed(lines, connection)
         if interim:
             return b"".join(lines) + b"\r\n"
         if status == 101:
@@ -388,11 +408,7 @@ class Exchange(Request):
     def timed_out(self) -> None:
         if self.finished:
             return
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.close()
-        if self.connecting is not None:
-            self.connecting.cancel()
+        self._drop_upstream()
         if self.response_started:
             self.close_after = True
             self.downstream.abort()
@@ -413,12 +429,36 @@ class Exchange(Request):
         """The client went away first: the backend's connection cannot be reused mid-exchange."""
         if self.finished:
             return
+        self._drop_upstream()
+        self.finish(0, notify=False)
+
+    def request_broken(self, status: int, message: str) -> None:
+        """The request body broke its framing (a bad chunk size): the backend has at most part of a
+        request, so its connection goes; the client gets `status`, or mid-response, a closed connection."""
+        if self.finished:
+            return
+        self._drop_upstream()
+        self.history = None
+        self.retrying = False
+        if self.response_started:
+            self.close_after = True
+            self.downstream.abort()
+            self.finish(self.status)
+            return
+        self.answer(status, message, close=True)
+
+    def _drop_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.close()
         if self.connecting is not None:
             self.connecting.cancel()
-        self.finish(0, notify=False)
+
+def _without_listed(lines: list[bytes], connection: bytes) -> list[bytes]:
+    """RFC 9110 §7.6.1: fields a Connection field names are hop-by-hop too (rare: a second pass)."""
+    listed = connection_tokens(((b"connection", connection),))
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in listed]
+
 
 def _keeps_alive(headers: list[Header]) -> bool:
     return b"close" not in field_value(headers, b"connection").lower()

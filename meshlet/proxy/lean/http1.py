@@ -20,6 +20,8 @@ HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
     b"te", b"trailer", b"transfer-encoding", b"upgrade",
 ))
+# Fields a message is framed and routed by: never dropped for being listed in Connection.
+FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
 Header = tuple[bytes, bytes]
 
 REASONS = {
@@ -41,12 +43,14 @@ class Refusal(Exception):
 
 
 def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
-    """Field names listed in Connection (RFC 9110 §7.6.1): hop-by-hop too, whatever they are."""
+    """Field names listed in Connection (RFC 9110 §7.6.1): hop-by-hop too, but for those the
+    message is framed and routed by: a client listing Content-Length must not get its body
+    read by the backend as another request."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             tokens.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(tokens)
+    return frozenset(tokens) - FRAMING
 
 
 def chunk(data: bytes) -> bytes:

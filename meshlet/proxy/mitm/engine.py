@@ -33,9 +33,11 @@ LARGE_BODY = "8m"  # with addon scripts: bodies above this stream past them (mit
 def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[types.ModuleType] = ()) -> list[object]:
     from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 
+    from meshlet.proxy.mitm.forwarding import Forwarding
     from meshlet.proxy.mitm.h2c import H2c
-    from meshlet.proxy.mitm.inbound import Inbound  # first: a refused destination is closed before TLS
+    from meshlet.proxy.mitm.inbound import Inbound  # before mTLS: a refused destination is closed before TLS
     from meshlet.proxy.mitm.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
+    from meshlet.proxy.mitm.strict import Strict  # first of the request hooks: refused requests go no further
     from meshlet.proxy.mitm.tunnel import PassThrough
 
     mtls = mesh_tls_addons(config, lambda: routing.state.table.policies, routing.metrics.registry,
@@ -43,8 +45,8 @@ def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[type
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     routing.peer_identity = mtls[0].peer_identity
     return [
-        core.Core(), proxyserver.Proxyserver(), Inbound(config), *mtls, H2c(), PassThrough(),
-        next_layer.NextLayer(), tlsconfig.TlsConfig(),
+        core.Core(), proxyserver.Proxyserver(), Strict(routing.metrics), Inbound(config), *mtls, H2c(),
+        PassThrough(), next_layer.NextLayer(), tlsconfig.TlsConfig(), Forwarding(),
         *scripts,
         routing,
     ]

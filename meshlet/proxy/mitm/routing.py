@@ -73,7 +73,9 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
             cookies.append(value)
         if name not in headers:
             headers[name] = value
-    authority = (request.authority if request.is_http2 or request.is_http3 else "") or headers.get("host")
+    # HTTP/2's :authority, else Host. (mitmproxy's regular mode clears an HTTP/1.1 absolute-form
+    # target's authority before any hook, so a Host contradicting the target wins here: README.)
+    authority = request.authority or headers.get("host")
     peer = flow.client_conn.peername
     return RequestView(
         request.method, authority or request.pretty_host, request.path, headers,

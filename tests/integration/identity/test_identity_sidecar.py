@@ -148,6 +148,8 @@ def test_two_sidecars_keep_a_strict_hop_for_a_minute_on_20s_certificates(cluster
             while time.monotonic() < end:
                 serials["a"].add(certs(a)["serial"])
                 serials["b"].add(certs(b)["serial"])
+                if len(serials["a"]) % 2:  # now and then, so the client connection never idles out (60 s)
+                    assert established.request(host="reviews").body == f"app {FRONTEND}\n"
                 time.sleep(1)
         # still the same connection, still answered, after five or more renewals on each side
         assert established.request(host="reviews").body == f"app {FRONTEND}\n"

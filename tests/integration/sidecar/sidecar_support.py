@@ -21,10 +21,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshlet.proxy.demo_backend import start_backend
 
@@ -51,7 +52,11 @@ class Backends:
         self.port: dict[str, int] = {}
 
     def start(self, name: str, status: int = 200) -> int:
-        server = asyncio.run_coroutine_threadsafe(start_backend(name, status=status), self.loop).result(10)
+        return self.serve(name, start_backend(name, status=status))
+
+    def serve(self, name: str, starting: Coroutine[Any, Any, asyncio.Server]) -> int:
+        """Any asyncio server (e.g. raw_backend's), started and closed in this loop."""
+        server = asyncio.run_coroutine_threadsafe(starting, self.loop).result(10)
         self.servers[name] = server
         self.port[name] = server.sockets[0].getsockname()[1]
         return self.port[name]
