@@ -50,7 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--context", help="with --watch-kube: the kubeconfig context to use")
     parser.add_argument("--outbound", type=_listen, default="127.0.0.1:15001", metavar="HOST:PORT")
     parser.add_argument("--inbound", type=_listen, default=":15006", metavar="HOST:PORT")
-    parser.add_argument("--admin", type=_listen, default="127.0.0.1:15000", metavar="HOST:PORT")
+    parser.add_argument("--admin", type=_listen, default="127.0.0.1:15000", metavar="HOST:PORT",
+                        help="the control API (GET/PUT /policy, rollouts, /certs, health, metrics); loopback only")
+    parser.add_argument("--health", type=_listen, metavar="HOST:PORT",
+                        help="a read-only port for probes and Prometheus: /healthz /readyz /metrics only "
+                             "(injected sidecars: [::]:15020 on the Pod IP); default: none")
+    parser.add_argument("--workload-labels", type=Path, metavar="FILE",
+                        help="this workload's labels, one key=\"value\" per line (the Downward API's "
+                             "metadata.labels file): picks the policy whose mtls.selector matches them")
     parser.add_argument("--app", type=_listen, default="127.0.0.1:8080", metavar="HOST:PORT",
                         help="where inbound requests go (the local application)")
     parser.add_argument("--engine", choices=ENGINES,
@@ -120,6 +127,17 @@ def _lease_seconds(text: str) -> int:
     return value
 
 
+def _workload_labels(path: Path | None) -> tuple[tuple[str, str], ...]:
+    if path is None:
+        return ()
+    from meshlet.k8s.labels import read_labels
+
+    try:
+        return read_labels(path)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"--workload-labels {e}") from None
+
+
 def _engine(args: argparse.Namespace) -> str:
     """Addon scripts run on mitmproxy's engine: --addon selects it, and contradicts --engine lean."""
     if not args.addon:
@@ -170,13 +188,18 @@ def run(args: argparse.Namespace) -> int:
 
     engine, addons = _engine(args), _addons(args.addon)
     cluster = _cluster(args)
-    config = SidecarConfig(
-        outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app,
-        strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
-        metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
-        identity_server=args.identity_server, identity_token=args.identity_token, trust_bundle=args.trust_bundle,
-        engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
-    )
+    labels = _workload_labels(args.workload_labels)
+    try:
+        config = SidecarConfig(
+            outbound=args.outbound, inbound=args.inbound, admin=args.admin, app=args.app, health=args.health,
+            strict_hosts=args.strict_hosts, drain_timeout=args.drain_timeout,
+            metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
+            identity_server=args.identity_server, identity_token=args.identity_token, trust_bundle=args.trust_bundle,
+            engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+            workload_labels=labels,
+        )
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     try:
         if cluster is not None:  # ready at once: see meshlet.k8s.follow for why not wait for policies
             applied = compile_policy("", 1)
@@ -186,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             if not text.strip():
                 load_text(text, args.policy)  # an empty policy file is an error, located by the loader
             applied = compile_policy(text, 1, args.policy)
-        require_identity(applied.policies, config.has_identity)
+        require_identity(applied.policies, config.has_identity, dict(labels))
     except OSError as e:
         raise CommandError(f"{args.policy}: {e.strerror}") from None
     except PolicyInvalid as e:

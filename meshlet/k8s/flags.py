@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="sidecar proxy processes (default: %(default)s)")
     group.add_argument("--outbound-port", type=_port, default=_DEFAULT.outbound_port)
     group.add_argument("--inbound-port", type=_port, default=_DEFAULT.inbound_port)
-    group.add_argument("--admin-port", type=_port, default=_DEFAULT.admin_port)
+    group.add_argument("--admin-port", type=_port, default=_DEFAULT.admin_port, help="the control API, on loopback")
+    group.add_argument("--health-port", type=_port, default=_DEFAULT.health_port,
+                       help="/healthz /readyz /metrics on the Pod IP, for probes and Prometheus")
     group.add_argument("--identity-mode", choices=IDENTITY_MODES, default=_DEFAULT.identity,
                        help="where sidecars get their workload certificate: server (`meshlet identity serve`, "
                        "keys in memory), csi (cert-manager csi-driver-spiffe), none (no mTLS) (default: %(default)s)")
@@ -77,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> InjectConfig:
         outbound_port=args.outbound_port,
         inbound_port=args.inbound_port,
         admin_port=args.admin_port,
+        health_port=args.health_port,
         workers=args.proxy_workers,
         identity=args.identity_mode,
         identity_server=args.identity_server,

@@ -22,7 +22,9 @@ IDENTITY_VOLUME = "meshlet-identity"  # identity mode csi: cert-manager csi-driv
 TOKEN_VOLUME = "meshlet-token"  # identity mode server: the projected ServiceAccount token
 TRUST_VOLUME = "meshlet-trust"  # identity mode server: the trust bundle ConfigMap
 TMP_VOLUME = "meshlet-tmp"
+PODINFO_VOLUME = "meshlet-podinfo"
 IDENTITY_DIR = "/etc/meshlet/identity"
+PODINFO_DIR = "/etc/meshlet/podinfo"  # the Downward API's metadata.labels, for mtls.selector
 TOKEN_DIR, TOKEN_FILE = "/var/run/secrets/meshlet", "token"
 TRUST_DIR, TRUST_FILE = "/etc/meshlet/trust", "ca.pem"
 TOKEN_AUDIENCE = "meshlet"  # meshlet.mtls.wire.AUDIENCE: what `meshlet identity serve` asks the TokenReview for
@@ -31,7 +33,8 @@ CSI_SPIFFE_DRIVER = "spiffe.csi.cert-manager.io"
 
 # Every name injection owns: removing these undoes an earlier injection (idempotency).
 CONTAINER_NAMES: frozenset[str] = frozenset({PROXY_NAME, INIT_NAME})
-VOLUME_NAMES: frozenset[str] = frozenset({IDENTITY_VOLUME, TOKEN_VOLUME, TRUST_VOLUME, TMP_VOLUME})
+VOLUME_NAMES: frozenset[str] = frozenset({IDENTITY_VOLUME, TOKEN_VOLUME, TRUST_VOLUME, TMP_VOLUME,
+                                         PODINFO_VOLUME})
 # Where the workload certificate comes from: `meshlet identity serve` (keys in memory), cert-manager's
 # csi-driver-spiffe (a CSI volume the driver fills and renews), or nowhere (no mTLS).
 IDENTITY_MODES: tuple[str, ...] = ("server", "csi", "none")
@@ -74,7 +77,8 @@ class InjectConfig:
     uid: int = 1337
     outbound_port: int = 15001
     inbound_port: int = 15006
-    admin_port: int = 15000
+    admin_port: int = 15000  # loopback only: the control API
+    health_port: int = 15020  # on the Pod IP: /healthz /readyz /metrics for the kubelet and Prometheus
     # Proxy processes; `meshlet run` defaults to the CPU count, which in a Pod is the node's.
     workers: int = 1
     # One SPIFFE identity per service account, from `identity_server` (the chart's identity
@@ -86,7 +90,7 @@ class InjectConfig:
 
     @property
     def ports(self) -> frozenset[int]:
-        return frozenset({self.outbound_port, self.inbound_port, self.admin_port})
+        return frozenset({self.outbound_port, self.inbound_port, self.admin_port, self.health_port})
 
 
 PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
@@ -94,10 +98,10 @@ STATUS_ANNOTATION = "meshlet.dev/status"
 
 
 def pod_annotations(cfg: InjectConfig) -> dict[str, str]:
-    """Annotations-style Prometheus discovery of the sidecar's /metrics, plus the injected marker."""
+    """Annotations-style Prometheus discovery of the sidecar's /metrics (the health port), plus the injected marker."""
     return {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(cfg.admin_port),
+        "prometheus.io/port": str(cfg.health_port),
         "prometheus.io/path": "/metrics",
         STATUS_ANNOTATION: "injected",
     }
@@ -108,13 +112,19 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
 
     The kubelet starts the next init container, and so the app, only once the startup probe
     passes, so the app never sends a request before the proxy listens and has a policy.
+
+    Who reaches what: the control API is on loopback (the Pod's own processes, `kubectl
+    port-forward`); the kubelet's probes and Prometheus reach the read-only health port on the
+    Pod IP; `[::]` is IPv4 and IPv6 on one socket, `localhost` both loopbacks (ip6tables
+    redirects the app's IPv6 to ::1).
     """
     args = [
         "run", "--watch-kube",
-        "--outbound", f"127.0.0.1:{cfg.outbound_port}",
-        "--inbound", f"0.0.0.0:{cfg.inbound_port}",
-        # The kubelet's probes and Prometheus reach the admin port over the Pod IP.
-        "--admin", f"0.0.0.0:{cfg.admin_port}",
+        "--outbound", f"localhost:{cfg.outbound_port}",
+        "--inbound", f"[::]:{cfg.inbound_port}",
+        "--admin", f"127.0.0.1:{cfg.admin_port}",
+        "--health", f"[::]:{cfg.health_port}",
+        "--workload-labels", f"{PODINFO_DIR}/labels",
         "--workers", str(cfg.workers),
     ]
     args += identity_args(cfg)
@@ -122,7 +132,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         args += ["--app", f"127.0.0.1:{app_port}"]
 
     def probe(failures: int) -> dict:
-        return {"httpGet": {"path": "/readyz", "port": cfg.admin_port}, "periodSeconds": 2, "timeoutSeconds": 2,
+        return {"httpGet": {"path": "/readyz", "port": cfg.health_port}, "periodSeconds": 2, "timeoutSeconds": 2,
                 "failureThreshold": failures}
 
     return {
@@ -139,7 +149,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         ],
         "ports": [
             {"name": "mesh-inbound", "containerPort": cfg.inbound_port, "protocol": "TCP"},
-            {"name": "mesh-admin", "containerPort": cfg.admin_port, "protocol": "TCP"},
+            {"name": "mesh-health", "containerPort": cfg.health_port, "protocol": "TCP"},
         ],
         "startupProbe": probe(60),
         "readinessProbe": probe(3),
@@ -155,6 +165,7 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         "volumeMounts": [
             *identity_mounts(cfg),
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True},
         ],
     }
 
@@ -195,38 +206,56 @@ def _ports(annotations: Mapping, key: str) -> tuple[int, ...]:
 def redirect_script(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> str:
     """The shell script that captures the Pod's TCP: inbound → inbound port, outbound → outbound port.
 
+    Both families: iptables, and ip6tables whenever the Pod has IPv6 (any address in
+    /proc/net/if_inet6, link-local included), or IPv6 would bypass the sidecar and STRICT mTLS.
+    If the Pod has IPv6 but ip6tables cannot program it, the script fails and the Pod does not
+    start: closed, not open.
+
     Safe to run twice in the same network namespace (an init container retried after a
     failure): chains are flushed, not duplicated, and the jumps are added only if missing.
-    Excluded: the proxy's own UID (or it would loop into itself), the admin port inbound
-    (probes and scrapes reach it directly), loopback destinations and DNS outbound, and
+    Excluded: the proxy's own UID (or it would loop into itself), the sidecar's own ports
+    inbound (probes and scrapes reach the health port directly; the loopback-only ones are then
+    refused by the kernel), loopback destinations and DNS outbound. Were a sidecar port redirected
+    all the same, the inbound listener refuses it too (meshlet.proxy.inbound). Also excluded:
     connections the node agent already split in the kernel: its connect4 hook marks them
     (`BYPASS_MARK`) as it rewrites them, so the sidecar never splits them a second time. Only
     the agent's hook sets that mark (an app would need NET_ADMIN to set SO_MARK, and with it
     could flush these rules anyway), and the set of kernel-handled hosts can change at any
     time without touching the Pod: the mark travels with each connection.
     """
-    inbound, outbound = "MESHLET_INBOUND", "MESHLET_OUTPUT"
-    rules = [
-        f"ipt -A {inbound} -p tcp --dport {cfg.admin_port} -j RETURN",
-        f"ipt -A {inbound} -p tcp --dport {cfg.inbound_port} -j RETURN",
-        *(f"ipt -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
-        f"ipt -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
-        f"ipt -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
-        f"ipt -A {outbound} -m mark --mark {BYPASS_MARK:#x} -j RETURN",
-        f"ipt -A {outbound} -d 127.0.0.0/8 -j RETURN",
-        f"ipt -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
-        *(f"ipt -A {outbound} -p tcp --dport {port} -j RETURN" for port in bypass.outbound),
-        f"ipt -A {outbound} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}",
-    ]
     return "\n".join([
         "set -eu",
-        'ipt() { iptables -w 5 -t nat "$@"; }',
-        f"for chain in {inbound} {outbound}; do ipt -N $chain 2>/dev/null || ipt -F $chain; done",
-        *rules,
-        f"ipt -C PREROUTING -p tcp -j {inbound} 2>/dev/null || ipt -A PREROUTING -p tcp -j {inbound}",
-        f"ipt -C OUTPUT -p tcp -j {outbound} 2>/dev/null || ipt -A OUTPUT -p tcp -j {outbound}",
+        *_family_rules("ipt4", "iptables", "127.0.0.0/8", cfg, bypass),
+        "if grep -q . /proc/net/if_inet6 2>/dev/null; then",  # proc files stat as empty: read, not -s
+        *(f"  {line}" for line in _family_rules("ipt6", "ip6tables", "::1/128", cfg, bypass)),
+        "fi",
         "",
     ])
+
+
+def _family_rules(ipt: str, command: str, loopback: str, cfg: InjectConfig, bypass: Bypass) -> list[str]:
+    inbound, outbound = "MESHLET_INBOUND", "MESHLET_OUTPUT"
+    rules = [
+        # The sidecar's own ports go where the kernel delivers them: the health and inbound ports
+        # listen on the Pod IP; the control API and the outbound listener only on loopback, so a
+        # peer's connection to them is refused by the kernel, before any proxy sees it.
+        *(f"{ipt} -A {inbound} -p tcp --dport {port} -j RETURN" for port in sorted(cfg.ports)),
+        *(f"{ipt} -A {inbound} -p tcp --dport {port} -j RETURN" for port in bypass.inbound),
+        f"{ipt} -A {inbound} -p tcp -j REDIRECT --to-ports {cfg.inbound_port}",
+        f"{ipt} -A {outbound} -m owner --uid-owner {cfg.uid} -j RETURN",
+        f"{ipt} -A {outbound} -m mark --mark {BYPASS_MARK:#x} -j RETURN",
+        f"{ipt} -A {outbound} -d {loopback} -j RETURN",
+        f"{ipt} -A {outbound} -p tcp --dport 53 -j RETURN",  # DNS over TCP is not HTTP
+        *(f"{ipt} -A {outbound} -p tcp --dport {port} -j RETURN" for port in bypass.outbound),
+        f"{ipt} -A {outbound} -p tcp -j REDIRECT --to-ports {cfg.outbound_port}",
+    ]
+    return [
+        f'{ipt}() {{ {command} -w 5 -t nat "$@"; }}',
+        f"for chain in {inbound} {outbound}; do {ipt} -N $chain 2>/dev/null || {ipt} -F $chain; done",
+        *rules,
+        f"{ipt} -C PREROUTING -p tcp -j {inbound} 2>/dev/null || {ipt} -A PREROUTING -p tcp -j {inbound}",
+        f"{ipt} -C OUTPUT -p tcp -j {outbound} 2>/dev/null || {ipt} -A OUTPUT -p tcp -j {outbound}",
+    ]
 
 
 def init_container(cfg: InjectConfig, bypass: Bypass = NO_BYPASS) -> dict:
@@ -275,12 +304,14 @@ def volumes(cfg: InjectConfig) -> list[dict]:
     required: a missing one holds the Pod in ContainerCreating with an event naming it. No Secret.
     """
     tmp = {"name": TMP_VOLUME, "emptyDir": {}}
+    podinfo = {"name": PODINFO_VOLUME,  # the Pod's labels, for mtls.selector (--workload-labels)
+               "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
     if cfg.identity == "server":
         token = {"serviceAccountToken": {"audience": TOKEN_AUDIENCE, "expirationSeconds": TOKEN_SECONDS,
                                          "path": TOKEN_FILE}}
         return [{"name": TOKEN_VOLUME, "projected": {"sources": [token]}},
                 {"name": TRUST_VOLUME, "configMap": {"name": cfg.trust_bundle, "items": [
-                    {"key": TRUST_FILE, "path": TRUST_FILE}]}}, tmp]
+                    {"key": TRUST_FILE, "path": TRUST_FILE}]}}, tmp, podinfo]
     if cfg.identity == "csi":
-        return [{"name": IDENTITY_VOLUME, "csi": {"driver": CSI_SPIFFE_DRIVER, "readOnly": True}}, tmp]
-    return [tmp]
+        return [{"name": IDENTITY_VOLUME, "csi": {"driver": CSI_SPIFFE_DRIVER, "readOnly": True}}, tmp, podinfo]
+    return [tmp, podinfo]

@@ -7,7 +7,7 @@ collects every problem of a file in one pass.
 from __future__ import annotations
 
 from meshlet.policy.errors import PolicyError
-from meshlet.policy.model import Mark, PolicySet, QoSPolicy, Route, TrafficPolicy
+from meshlet.policy.model import LabelSelector, Mark, PolicySet, QoSPolicy, Route, TrafficPolicy
 from meshlet.policy.values import is_hostname
 
 
@@ -143,6 +143,7 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
     names: dict[tuple[str, str, str], Mark] = {}
     hosts: dict[tuple[str, str], Mark] = {}
     interfaces: dict[tuple[str, object], Mark] = {}
+    peer_auth: dict[tuple[str, LabelSelector | None], Mark] = {}
     for policy in policies:
         meta = policy.metadata
         key = (policy.kind, meta.namespace, meta.name)
@@ -156,6 +157,8 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
                 errors.append(PolicyError(policy.mark, f"host {policy.host!r} is already governed by the policy at "
                                           f"{hosts[host_key]}; one policy per host"))
             hosts.setdefault(host_key, policy.mark)
+            if policy.mtls is not None:
+                errors.extend(_check_mtls_scope(policy, peer_auth))
         else:
             # Policies for other nodes (another nodeSelector) may name the same interface.
             shaped = (policy.interface, policy.node_selector)
@@ -164,3 +167,19 @@ def check_set(policies: PolicySet) -> list[PolicyError]:
                                           f"for the same nodes (at {interfaces[shaped]})"))
             interfaces.setdefault(shaped, policy.mark)
     return errors
+
+
+def _check_mtls_scope(policy: TrafficPolicy, seen: dict[tuple[str, LabelSelector | None], Mark]) -> list[PolicyError]:
+    """One namespace default, and one mtls section per selector: never "whichever came first"."""
+    assert policy.mtls is not None
+    key = (policy.metadata.namespace, policy.mtls.selector)
+    if key not in seen:
+        seen[key] = policy.mtls.mark
+        return []
+    first = seen[key]
+    if policy.mtls.selector is None:
+        message = (f"mtls: namespace {policy.metadata.namespace!r} already has a default mtls section (at {first}); "
+                   "keep one, or give this one a selector: {matchLabels: {...}} naming its workloads")
+    else:
+        message = f"mtls.selector {policy.mtls.selector} is already used by the mtls section at {first}; keep one"
+    return [PolicyError(policy.mtls.mark, message)]

@@ -48,7 +48,13 @@ from meshlet.policy.model import (
     WeightedBackend,
 )
 from meshlet.policy.reader import Reader
-from meshlet.policy.values import parse_address, parse_duration, parse_rate, parse_spiffe_id, parse_vip
+from meshlet.policy.values import (
+    parse_address,
+    parse_duration,
+    parse_rate,
+    parse_spiffe_id,
+    parse_vip,
+)
 
 # Which fields each mapping accepts: name → required.
 FIELDS: dict[str, dict[str, bool]] = {
@@ -73,7 +79,7 @@ FIELDS: dict[str, dict[str, bool]] = {
     "target": {"backend": True, "weight": False},
     "sticky": {"header": False, "cookie": False, "source": False},
     "retries": {"attempts": True, "retryOn": False},
-    "mtls": {"mode": False, "allow": False},
+    "mtls": {"mode": False, "allow": False, "selector": False},
     "qos": {"class": True},
     "QoSPolicy.spec": {"interface": True, "classes": True, "nodeSelector": False},
     "qosClass": {"priority": True, "rate": True, "ceil": False, "ports": False, "slo": False, "podSelector": False},
@@ -464,9 +470,14 @@ def _mtls(r: Reader, node: yaml.Node, where: str) -> Mtls | None:
             identity = r.parsed(item, f"{where}.allow[{i}]", parse_spiffe_id)
             if identity is not None:
                 allow.append(identity)
-    if mode is None:
+    selector = _selector(r, fields["selector"], f"{where}.selector") if "selector" in fields else None
+    if selector is not None and not (selector.match_labels or selector.match_expressions):
+        r.error(fields["selector"], f"{where}.selector: name at least one label, or leave out the selector "
+                "for the namespace's default")
         return None
-    return Mtls(mode, tuple(allow), mark=r.mark(node))
+    if mode is None or ("selector" in fields and selector is None):
+        return None
+    return Mtls(mode, tuple(allow), selector, mark=r.mark(node))
 
 
 # -- QoSPolicy -----------------------------------------------------------------------------------

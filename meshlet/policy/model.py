@@ -168,13 +168,6 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class Mtls:
-    mode: MtlsMode = "PERMISSIVE"
-    allow: tuple[str, ...] = ()
-    mark: Mark = _mark()
-
-
-@dataclass(frozen=True, slots=True)
 class Metadata:
     name: str
     namespace: str = "default"
@@ -232,6 +225,25 @@ class LabelSelector:
         return all(labels.get(k) == v for k, v in self.match_labels) and all(
             r.holds(labels) for r in self.match_expressions
         )
+
+    def __str__(self) -> str:
+        """`{app=reviews, tier In (web,api)}`, for messages that name a selector."""
+        terms = [f"{k}={v}" for k, v in self.match_labels]
+        for r in self.match_expressions:
+            terms.append(f"{r.key} {r.operator}" + (f" ({','.join(r.values)})" if r.values else ""))
+        return "{" + ", ".join(terms) + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class Mtls:
+    """A workload's inbound mTLS mode and allow list, like Istio's PeerAuthentication: with a
+    `selector` it applies to the workloads whose labels it matches; without one it is the
+    namespace's default."""
+
+    mode: MtlsMode = "PERMISSIVE"
+    allow: tuple[str, ...] = ()
+    selector: LabelSelector | None = None  # None: the namespace default
+    mark: Mark = _mark()
 
 
 @dataclass(frozen=True, slots=True)

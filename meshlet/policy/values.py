@@ -109,3 +109,20 @@ def parse_vip(text: str) -> Address:
     except ValueError:
         raise ValueError(f"bad virtual address {text!r}: expected IPV4:PORT, e.g. 10.96.0.20:9080") from None
     return address
+
+
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+
+
+def parse_label_key(key: str) -> str:
+    """A Kubernetes label key, `name` or `prefix/name` (the prefix a DNS name)."""
+    prefix, _, name = key.rpartition("/")
+    if (prefix and not is_hostname(prefix)) or not _LABEL_NAME.fullmatch(name):
+        raise ValueError(f"{key!r} is not a Kubernetes label key (e.g. app or example.com/tier)")
+    return key
+
+
+def parse_label_value(value: str) -> str:
+    if value and not _LABEL_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Kubernetes label value (63 characters: letters, digits, - _ .)")
+    return value

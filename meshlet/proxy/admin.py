@@ -1,10 +1,15 @@
 """The admin API on 127.0.0.1:15000: read and replace the policy, health, readiness, metrics,
 and `GET /tap`, the live requests as JSON lines (meshlet.proxy.tap).
 
+It changes what the sidecar does, so it listens on loopback only (SidecarConfig checks);
+`read_only` is the same API cut down to /healthz, /readyz and /metrics for the `--health`
+port on the Pod IP, where the kubelet and Prometheus reach it.
+
 PUT /policy validates and compiles before anything changes, so a 400 leaves the running
 table exactly as it was. With `--workers`, the supervisor runs this API: it validates once,
 hands the accepted policy to every worker (`distribute`), then records it as current; each
-worker runs the same API on a private loopback port and is told the generation to use.
+worker runs the same API on a private Unix socket (`internal`), the only place where the
+generation and rollout-weight headers are obeyed: a client of the public API cannot set them.
 
 Rollouts live where this API lives (`rollouts`): their weights are an overlay compiled into
 the table and installed by the same swap and distribution as a PUT, under one lock so an
@@ -22,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshlet.policy import PolicyInvalid
 from meshlet.policy.errors import PolicyWarning
-from meshlet.proxy.httpserver import Reply, Request, Stream
+from meshlet.proxy.httpserver import Handler, Reply, Request, Stream
 from meshlet.proxy.state import Applied, PolicyState, reweigh
 from meshlet.rollout.api import BadCall, parse_call
 from meshlet.rollout.machine import RolloutError, RolloutNotFound
@@ -36,6 +41,7 @@ POLICY_FILE = "policy"  # errors of a PUT read `policy:LINE:COL: message`
 GENERATION_HEADER = "x-meshlet-generation"  # supervisor → worker: keep generations in step
 WEIGHTS_HEADER = "x-meshlet-weights"  # supervisor → worker: the rollout overlay, JSON
 TICK_SECONDS = 1.0  # how often rollouts are looked at; each has its own interval
+HEALTH_PATHS: frozenset[str] = frozenset({"/healthz", "/readyz", "/metrics"})
 
 Distribute = Callable[[Applied], Awaitable[None]]
 
@@ -48,20 +54,35 @@ def _json(status: int, value: object) -> Reply:
     return Reply(status, (json.dumps(value, indent=2) + "\n").encode(), "application/json")
 
 
+def read_only(handler: Handler) -> Handler:
+    """Only GET /healthz, /readyz and /metrics of `handler`: what the `--health` port serves."""
+
+    async def handle(request: Request) -> Reply:
+        if request.path not in HEALTH_PATHS:
+            return Reply(404, b"not found: this port serves /healthz /readyz /metrics\n")
+        if request.method != "GET":
+            return Reply(405, f"method {request.method} not allowed on {request.path}\n".encode())
+        return await handler(request)
+
+    return handle
+
+
 def _warnings(warnings: tuple[PolicyWarning, ...]) -> dict[str, list[str]]:
     """`{"warnings": ["policy:LINE:COL: warning: message", ...]}`, or nothing when there are none."""
     return {"warnings": [str(w) for w in warnings]} if warnings else {}
 
 
 class AdminApi:
-    """`ready` says whether the listeners are up; a policy is always loaded once we run."""
+    """`ready` says whether the listeners are up; a policy is always loaded once we run.
+    `internal`: a worker's private API, told generations and rollout weights by its supervisor."""
 
     def __init__(
         self, state: PolicyState, metrics: ProxyMetrics, ready: Callable[[], bool],
         distribute: Distribute | None = None, render_metrics: Callable[[], bytes] | None = None,
         certs: Callable[[], dict] | None = None, rollouts: Rollouts | None = None,
-        tap: Callable[[], AsyncGenerator[bytes, None]] | None = None,
+        tap: Callable[[], AsyncGenerator[bytes, None]] | None = None, internal: bool = False,
     ):
+        self.internal = internal
         self.state = state
         self.metrics = metrics
         self.ready = ready
@@ -98,10 +119,11 @@ class AdminApi:
         return Reply(404, b"not found: try /policy /healthz /readyz /metrics /tap\n")
 
     async def put_policy(self, request: Request) -> Reply:
-        generation = request.headers.get(GENERATION_HEADER)
+        # Only the supervisor, on a worker's private socket, sets these; from anyone else they are ignored.
+        generation = request.headers.get(GENERATION_HEADER) if self.internal else None
+        overlay = request.headers.get(WEIGHTS_HEADER) if self.internal else None
         # A worker told the generation by its supervisor does not count the apply: the supervisor did.
         counted = generation is None
-        overlay = request.headers.get(WEIGHTS_HEADER)
 
         def count(result: str) -> None:
             if counted:

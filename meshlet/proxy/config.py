@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshlet.policy.model import Address
+from meshlet.proxy.listen import is_loopback
 
 
 def parse_listen(text: str) -> Address:
@@ -23,17 +24,37 @@ OUTBOUND = Address("127.0.0.1", 15001)
 INBOUND = Address("0.0.0.0", 15006)
 ADMIN = Address("127.0.0.1", 15000)
 APP = Address("127.0.0.1", 8080)
+HEALTH_PORT = 15020  # what injection passes as --health [::]:15020 (Istio's status port)
+
+
+def check_admin(address: Address) -> Address:
+    """The control API changes what the sidecar does: ValueError unless it listens on loopback."""
+    if not is_loopback(address.host):
+        raise ValueError(
+            f"--admin {address}: the control API (PUT /policy, rollouts, /certs) listens on loopback only "
+            f"(127.0.0.1 or ::1); probes and Prometheus use --health HOST:PORT, e.g. [::]:{HEALTH_PORT}"
+        )
+    return address
 
 
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
     """An identity (`identity_dir`, or `identity_server` with `identity_token` and `trust_bundle`)
-    switches on mesh TLS (meshlet.mtls.source); without one the sidecar runs cleartext."""
+    switches on mesh TLS (meshlet.mtls.source); without one the sidecar runs cleartext.
+
+    `admin` is loopback-only (checked here, so no path builds a sidecar that serves its control
+    API to the network); `health` is the read-only port for probes and scrapes; `control` is
+    set by the supervisor for a `--workers` worker: its private API on a Unix socket, instead
+    of `admin` and `health`.
+    """
 
     outbound: Address = OUTBOUND
     inbound: Address = INBOUND
     admin: Address = ADMIN
     app: Address = APP
+    health: Address | None = None
+    control: str | None = None
+    workload_labels: tuple[tuple[str, str], ...] = ()  # for workload-scoped inbound mTLS (mtls.selector)
     strict_hosts: bool = False
     drain_timeout: float = 10.0
     metrics_compat: str = "none"
@@ -49,6 +70,15 @@ class SidecarConfig:
     reuse_port: bool = False  # `--workers` workers share the listeners (SO_REUSEPORT)
     addons: tuple[str, ...] = ()  # mitmproxy addon scripts (`--addon`, absolute paths): mitmproxy engine only
 
+    def __post_init__(self) -> None:
+        check_admin(self.admin)
+
+    @property
+    def own_ports(self) -> frozenset[int]:
+        """The sidecar's listening ports: an inbound connection sent to one of them is refused."""
+        addresses = (self.outbound, self.inbound, self.admin, self.health)
+        return frozenset(a.port for a in addresses if a is not None and a.port)
+
     @property
     def has_identity(self) -> bool:
         return self.identity_dir is not None or self.identity_server is not None
@@ -61,7 +91,7 @@ class SidecarConfig:
         ]
 
 
-_ADDRESSES = ("outbound", "inbound", "admin", "app")
+_ADDRESSES = ("outbound", "inbound", "admin", "app", "health")
 _PATHS = ("identity_dir", "ca_dir", "identity_token", "trust_bundle")
 
 
@@ -70,18 +100,20 @@ def config_to_json(config: SidecarConfig) -> dict:
     token: each worker reads those itself."""
     value = {name: getattr(config, name) for name in SidecarConfig.__dataclass_fields__}
     for name in _ADDRESSES:
-        value[name] = [value[name].host, value[name].port]
+        value[name] = [value[name].host, value[name].port] if value[name] is not None else None
     for name in _PATHS:
         value[name] = str(value[name]) if value[name] is not None else None
     value["addons"] = list(config.addons)
+    value["workload_labels"] = [list(pair) for pair in config.workload_labels]
     return value
 
 
 def config_from_json(value: dict) -> SidecarConfig:
     fields = dict(value)
     for name in _ADDRESSES:
-        fields[name] = Address(fields[name][0], int(fields[name][1]))
+        fields[name] = Address(fields[name][0], int(fields[name][1])) if fields.get(name) else None
     for name in _PATHS:
         fields[name] = Path(fields[name]) if fields.get(name) else None
+    fields["workload_labels"] = tuple((k, v) for k, v in fields.get("workload_labels", ()))
     fields["addons"] = tuple(fields.get("addons", ()))
     return SidecarConfig(**fields)

@@ -37,5 +37,7 @@ def make_handler(name: str, status: int = 200) -> httpserver.Handler:
     return handle
 
 
-async def start_backend(name: str, host: str = "127.0.0.1", port: int = 0, status: int = 200) -> asyncio.Server:
+async def start_backend(
+    name: str, host: str = "127.0.0.1", port: int = 0, status: int = 200
+) -> httpserver.Listening:
     return await httpserver.start(make_handler(name, status), host, port)

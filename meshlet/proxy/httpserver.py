@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+
+from meshlet.policy.model import Address
+from meshlet.proxy.listen import bind_listeners
 
 log = logging.getLogger("meshlet.proxy")
 MAX_HEAD = 64 * 1024
@@ -163,17 +167,51 @@ async def _serve_connection(handler: Handler, reader: asyncio.StreamReader, writ
             await writer.wait_closed()
 
 
-async def start(handler: Handler, host: str, port: int) -> asyncio.Server:
-    """Listen on host:port (0 = ephemeral; read the bound port from `server.sockets`)."""
+@dataclass
+class Listening:
+    """The servers of one address (`localhost` is two sockets); quacks like `asyncio.Server`."""
 
+    servers: list[asyncio.Server]
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+def _on_connect(handler: Handler) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # At shutdown the loop cancels idle keep-alive connections; ending quietly keeps
         # asyncio's stream callback from logging a CancelledError traceback for each.
         with contextlib.suppress(asyncio.CancelledError):
             await _serve_connection(handler, reader, writer)
 
-    return await asyncio.start_server(on_connect, host, port, limit=MAX_HEAD, reuse_address=True)
+    return on_connect
 
 
-def bound_port(server: asyncio.Server) -> int:
+async def start(handler: Handler, host: str, port: int) -> Listening:
+    """Listen on host:port (0 = ephemeral; read the bound port with `bound_port`), with the
+    sidecar's listener options (meshlet.proxy.listen: SO_REUSEADDR, `::` dual stack)."""
+    on_connect = _on_connect(handler)
+    sockets = bind_listeners(Address(host, port))
+    return Listening([await asyncio.start_server(on_connect, sock=sock, limit=MAX_HEAD) for sock in sockets])
+
+
+async def start_unix(handler: Handler, path: str) -> asyncio.Server:
+    """Listen on a Unix socket: reachable only through the file system, never the network."""
+    return await asyncio.start_unix_server(_on_connect(handler), path, limit=MAX_HEAD)
+
+
+async def connect(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection to `address`: a Unix socket path (a worker's private API) or `host:port`."""
+    if address.startswith("/"):
+        return await asyncio.open_unix_connection(address)
+    host, _, port = address.rpartition(":")
+    return await asyncio.open_connection(host.strip("[]"), int(port))
+
+
+def bound_port(server: Listening) -> int:
     return server.sockets[0].getsockname()[1]

@@ -11,7 +11,7 @@ import socket
 import struct
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
-IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at level SOL_IPV6
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at level SOL_IPV6 (= IPPROTO_IPV6)
 
 
 def original_destination_of(sock: socket.socket) -> tuple[str, int] | None:
@@ -24,7 +24,7 @@ def original_destination_of(sock: socket.socket) -> tuple[str, int] | None:
             port, packed = struct.unpack_from("!2xH4s", raw)
             host = socket.inet_ntop(socket.AF_INET, packed)
         else:
-            raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             port, packed = struct.unpack_from("!2xH4x16s", raw)
             host = socket.inet_ntop(socket.AF_INET6, packed)
     except OSError:  # no NAT record: a direct connection

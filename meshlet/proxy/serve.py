@@ -1,6 +1,6 @@
 """One sidecar process, whichever engine serves requests: state, metrics, rollouts, admin API,
 signals and drain. `meshlet run --workers 1` runs this; each `--workers` worker runs it too,
-with its admin API on a private loopback port that only the supervisor uses.
+with its admin API on a private Unix socket that only the supervisor uses (meshlet.proxy.endpoints).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from meshlet.proxy import httpserver
 from meshlet.proxy.admin import AdminApi
 from meshlet.proxy.config import SidecarConfig
+from meshlet.proxy.endpoints import start_endpoints
 from meshlet.proxy.engine import StartupError, make_engine
 from meshlet.proxy.state import Applied, PolicyState
 from meshlet.proxy.tap import TapHub, hub_lines
@@ -51,17 +51,17 @@ async def serve(
     rollouts = None if rollout is None else make_rollouts(rollout, registry, registry)
     if rollouts is not None:
         applied = resume_rollouts(rollouts, applied)
-    state = PolicyState(applied, config.has_identity)
+    state = PolicyState(applied, config.has_identity, dict(config.workload_labels))
     tap = TapHub()
     engine = make_engine(config, state, metrics, tap)
     outbound, inbound = await engine.start()
     admin_api = AdminApi(state, metrics, engine.ready, certs=engine.certs, rollouts=rollouts,
-                         tap=lambda: hub_lines(tap))
+                         tap=lambda: hub_lines(tap), internal=config.control is not None)
     try:
-        admin = await httpserver.start(admin_api, config.admin.host, config.admin.port)
-    except OSError as e:
+        endpoints = await start_endpoints(admin_api, config)
+    except StartupError:
         await engine.close()
-        raise StartupError(f"admin API cannot listen on {config.admin}: {e.strerror or e}") from None
+        raise
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,7 +69,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     on_ready({
-        "outbound": outbound, "inbound": inbound, "admin": f"{config.admin.host}:{httpserver.bound_port(admin)}",
+        "outbound": outbound, "inbound": inbound, **endpoints.addresses,
         "generation": str(state.generation), "engine": config.engine,
     })
     ticker = asyncio.ensure_future(admin_api.run_rollouts()) if rollouts is not None else None
@@ -80,7 +80,7 @@ async def serve(
         if ticker is not None:
             ticker.cancel()
         tap.close()  # `meshlet tap` clients see their stream end
-        admin.close()
+        endpoints.close()
         await engine.close()
     return 0
 

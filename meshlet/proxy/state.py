@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshlet.mtls.inbound import NO_LABELS, Labels
 from meshlet.mtls.requirements import require_identity
 from meshlet.policy import PolicyError, PolicyInvalid, load_text
 from meshlet.policy.errors import PolicyWarning
@@ -57,9 +58,10 @@ def _compile(policies: tuple[TrafficPolicy, ...], text: str, generation: int, we
 class PolicyState:
     """Holder of the current table; `apply` is the only writer."""
 
-    def __init__(self, applied: Applied, has_identity: bool = True):
+    def __init__(self, applied: Applied, has_identity: bool = True, workload_labels: Labels = NO_LABELS):
         self.current = applied
         self.has_identity = has_identity  # False: policies that need mTLS are refused by `prepare`
+        self.workload_labels = workload_labels  # two mtls selectors picking this workload are refused too
 
     @property
     def table(self) -> RoutingTable:
@@ -74,7 +76,7 @@ class PolicyState:
     ) -> Applied:
         """Compile `text` as the next generation (or `generation`) without touching the running table."""
         applied = compile_policy(text, self.generation + 1 if generation is None else generation, file, weights)
-        require_identity(applied.policies, self.has_identity)
+        require_identity(applied.policies, self.has_identity, self.workload_labels)
         return applied
 
     def swap(self, applied: Applied) -> None:

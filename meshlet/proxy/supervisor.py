@@ -6,6 +6,10 @@ supervisor owns the admin API: a PUT is validated and compiled once, then handed
 worker with its generation number, so an invalid policy reaches no worker. Metrics from all
 processes are summed with prometheus-client's multiprocess mode. A worker that dies is
 restarted with the current policy; SIGTERM is passed on and each worker drains.
+
+The supervisor talks to each worker over a Unix socket in a directory only the sidecar's user
+can enter (mkdtemp: 0700): nothing on the network, and no other process of the Pod, reaches a
+worker's API, and only there are the generation and rollout-weight headers obeyed.
 """
 
 from __future__ import annotations
@@ -19,12 +23,9 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -34,7 +35,9 @@ from meshlet.policy.model import Address
 from meshlet.proxy import httpserver
 from meshlet.proxy.admin import GENERATION_HEADER, WEIGHTS_HEADER, AdminApi, DistributionError
 from meshlet.proxy.config import SidecarConfig, config_to_json
+from meshlet.proxy.endpoints import start_endpoints
 from meshlet.proxy.engine import StartupError
+from meshlet.proxy.listen import claim_port
 from meshlet.proxy.state import Applied, PolicyState
 from meshlet.proxy.tapmerge import WorkerTaps
 from meshlet.rollout.service import RolloutOptions, make_rollouts, resume_rollouts
@@ -42,6 +45,7 @@ from meshlet.telemetry.proxy import ProxyMetrics, enable_multiprocess, multiproc
 
 log = logging.getLogger("meshlet.proxy")
 START_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -57,18 +61,16 @@ def _claim_port(address: Address) -> Address:
     Without this check a second sidecar on the same ports would bind too (SO_REUSEPORT) and
     silently take half the connections.
     """
-    with socket.socket() as s:
-        try:
-            s.bind((address.host, address.port))
-        except OSError as e:
-            raise StartupError(f"cannot listen on {address}: {e.strerror or e}") from None
-        return Address(address.host, s.getsockname()[1])
+    try:
+        return claim_port(address)
+    except OSError as e:
+        raise StartupError(f"cannot listen on {address}: {e.strerror or e}") from None
 
 
 @dataclasses.dataclass
 class Worker:
     process: asyncio.subprocess.Process
-    control: str  # host:port of the worker's private admin API
+    control: str  # the Unix socket of the worker's private admin API
 
 
 async def _start_worker(config: SidecarConfig, applied: Applied, env: dict[str, str]) -> Worker:
@@ -95,42 +97,55 @@ async def _start_worker(config: SidecarConfig, applied: Applied, env: dict[str, 
     return Worker(process, answer["ready"]["admin"])
 
 
-def _get(control: str, path: str) -> tuple[int, bytes]:
+async def _request(control: str, method: str, path: str, body: bytes = b"",
+                   headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One request to a worker's private API (its Unix socket): (status, body); OSError when unreachable."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    reader, writer = await asyncio.wait_for(httpserver.connect(control), REQUEST_TIMEOUT)
     try:
-        with urllib.request.urlopen(f"http://{control}{path}", timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        writer.write(head.encode("latin-1") + b"\r\n" + body)
+        answer = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT)
+    finally:
+        writer.close()
+    status, _, rest = answer.partition(b"\r\n")
+    if not status.startswith(b"HTTP/1.1 ") or not status[9:12].isdigit():
+        raise OSError(f"worker answered {status[:80]!r}")
+    return int(status[9:12]), rest.partition(b"\r\n\r\n")[2]
 
 
-def _put(control: str, applied: Applied) -> None:
-    request = urllib.request.Request(
-        f"http://{control}/policy", data=applied.source.encode(), method="PUT",
-        headers={GENERATION_HEADER: str(applied.table.generation), WEIGHTS_HEADER: json.dumps(applied.weights)},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        response.read()
+async def _put(control: str, applied: Applied) -> None:
+    """PUT the policy to one worker with its generation and rollout overlay; OSError unless 200."""
+    headers = {GENERATION_HEADER: str(applied.table.generation), WEIGHTS_HEADER: json.dumps(applied.weights)}
+    status, body = await _request(control, "PUT", "/policy", applied.source.encode(), headers)
+    if status != 200:
+        raise OSError(f"worker answered {status}: {body.decode('utf-8', 'replace').strip()}")
 
 
 class Supervisor:
-    def __init__(self, config: SidecarConfig, applied: Applied, count: int, metrics_dir: Path):
+    def __init__(self, config: SidecarConfig, applied: Applied, count: int, private_dir: Path):
         self.config = dataclasses.replace(
             config, outbound=_claim_port(config.outbound), inbound=_claim_port(config.inbound),
-            admin=Address("127.0.0.1", 0), reuse_port=True,
+            health=None, reuse_port=True,
         )
-        self.state = PolicyState(applied, config.has_identity)
+        self.state = PolicyState(applied, config.has_identity, dict(config.workload_labels))
         self.count = count
-        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        self.private_dir = private_dir  # 0700: the workers' metrics files and control sockets
+        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(private_dir / "metrics")}
         self.workers: list[Worker] = []
         self.stopping = False
-        self._ready: dict[str, bool] = {}  # worker control address → its last /readyz
+        self.started = 0
+        self._ready: dict[str, bool] = {}  # worker control socket → its last /readyz
         self._certs: dict = {"identity": None}  # a worker's last GET /certs
 
+    def _start_worker(self) -> Awaitable[Worker]:
+        """A new worker with its own control socket (a restarted one gets a fresh path)."""
+        self.started += 1
+        control = str(self.private_dir / f"worker-{self.started}.sock")
+        return _start_worker(dataclasses.replace(self.config, control=control), self.state.current, self.env)
+
     async def start(self) -> None:
-        started = await asyncio.gather(
-            *(_start_worker(self.config, self.state.current, self.env) for _ in range(self.count)),
-            return_exceptions=True,
-        )
+        started = await asyncio.gather(*(self._start_worker() for _ in range(self.count)), return_exceptions=True)
         self.workers = [w for w in started if isinstance(w, Worker)]
         errors = [e for e in started if isinstance(e, BaseException)]
         if errors:
@@ -142,12 +157,12 @@ class Supervisor:
         """Each worker's readiness (it may wait for its certificate) and one worker's certificate:
         the workers hold the identities, the supervisor only reports them."""
         workers = list(self.workers)
-        answers = await asyncio.gather(*(asyncio.to_thread(_get, w.control, "/readyz") for w in workers),
+        answers = await asyncio.gather(*(_request(w.control, "GET", "/readyz") for w in workers),
                                        return_exceptions=True)
         self._ready = {w.control: a == (200, b"ready\n") for w, a in zip(workers, answers, strict=True)}
         if workers:
             with contextlib.suppress(OSError, ValueError):
-                status, body = await asyncio.to_thread(_get, workers[0].control, "/certs")
+                status, body = await _request(workers[0].control, "GET", "/certs")
                 if status == 200:
                     self._certs = json.loads(body)
 
@@ -160,9 +175,7 @@ class Supervisor:
         return self._certs
 
     async def distribute(self, applied: Applied) -> None:
-        results = await asyncio.gather(
-            *(asyncio.to_thread(_put, w.control, applied) for w in self.workers), return_exceptions=True
-        )
+        results = await asyncio.gather(*(_put(w.control, applied) for w in self.workers), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise DistributionError(
@@ -187,7 +200,7 @@ class Supervisor:
                 log.error("worker %d exited with %s; restarting it", worker.process.pid, task.result())
                 self.workers.remove(worker)
                 try:
-                    self.workers.append(await _start_worker(self.config, self.state.current, self.env))
+                    self.workers.append(await self._start_worker())
                 except StartupError as e:
                     log.error("worker restart failed: %s", e)
                     await asyncio.sleep(1.0)
@@ -209,8 +222,10 @@ async def supervise(
     config: SidecarConfig, applied: Applied, count: int, on_ready: Callable[[dict[str, str]], None],
     rollout: RolloutOptions | None = None,
 ) -> int:
-    metrics_dir = Path(tempfile.mkdtemp(prefix="meshlet-metrics-"))
+    private_dir = Path(tempfile.mkdtemp(prefix="meshlet-sidecar-"))
+    metrics_dir = private_dir / "metrics"
     try:
+        metrics_dir.mkdir()
         enable_multiprocess(metrics_dir)
         metrics = ProxyMetrics(CollectorRegistry(), config.metrics_compat, config.workload)
         rollouts = None
@@ -218,7 +233,7 @@ async def supervise(
             workers_metrics = MultiProcessCollector(None, path=str(metrics_dir))
             rollouts = make_rollouts(rollout, workers_metrics, metrics.registry)
             applied = resume_rollouts(rollouts, applied)
-        supervisor = Supervisor(config, applied, count, metrics_dir)
+        supervisor = Supervisor(config, applied, count, private_dir)
         await supervisor.start()
         taps = WorkerTaps(lambda: [w.control for w in supervisor.workers])
         try:
@@ -226,25 +241,21 @@ async def supervise(
             api = AdminApi(supervisor.state, metrics, supervisor.ready, supervisor.distribute, render,
                            certs=supervisor.certs if config.has_identity else None, rollouts=rollouts,
                            tap=taps.lines)
-            try:
-                admin = await httpserver.start(api, config.admin.host, config.admin.port)
-            except OSError as e:
-                raise StartupError(f"admin API cannot listen on {config.admin}: {e.strerror or e}") from None
+            endpoints = await start_endpoints(api, config)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             on_ready({
                 "outbound": str(supervisor.config.outbound), "inbound": str(supervisor.config.inbound),
-                "admin": f"{config.admin.host}:{httpserver.bound_port(admin)}",
-                "generation": str(applied.table.generation), "workers": str(count),
+                **endpoints.addresses, "generation": str(applied.table.generation), "workers": str(count),
             })
             watcher = asyncio.ensure_future(supervisor.watch())
             follower = asyncio.ensure_future(supervisor.follow_workers())
             ticker = asyncio.ensure_future(api.run_rollouts()) if rollouts is not None else None
             await stop.wait()
             log.info("draining: passing SIGTERM to %d worker(s)", len(supervisor.workers))
-            admin.close()
+            endpoints.close()
             watcher.cancel()
             follower.cancel()
             if ticker is not None:
@@ -254,4 +265,4 @@ async def supervise(
             taps.close()  # after the workers drained: their last requests are in the streams
         return 0
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(private_dir, ignore_errors=True)

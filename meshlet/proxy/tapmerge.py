@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 
-from meshlet.proxy.httpserver import read_chunks
+from meshlet.proxy.httpserver import connect, read_chunks
 from meshlet.proxy.tap import FEED_SIZE, Feed, encode
 
 LOOK_SECONDS = 1.0  # how often a stream looks for workers it does not follow yet
@@ -22,9 +22,8 @@ LOOK_SECONDS = 1.0  # how often a stream looks for workers it does not follow ye
 
 async def follow(control: str, feed: Feed[bytes]) -> None:
     """Copy one worker's tap lines into `feed` until that stream ends (the worker stops)."""
-    host, _, port = control.rpartition(":")
     try:
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await connect(control)
     except OSError:
         return  # not listening (yet, or any more): the next look tries again
     try:
@@ -44,7 +43,7 @@ async def follow(control: str, feed: Feed[bytes]) -> None:
 
 
 class WorkerTaps:
-    """`controls` gives the workers' admin `host:port`s as they are now."""
+    """`controls` gives the workers' private APIs (Unix socket paths, or `host:port`) as they are now."""
 
     def __init__(self, controls: Callable[[], Iterable[str]], feed_size: int = FEED_SIZE) -> None:
         self.controls = controls

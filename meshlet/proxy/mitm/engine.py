@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meshlet.mtls.files import IdentityError
+from meshlet.policy.model import Address
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError
 from meshlet.proxy.mitm.routing import Routing
@@ -34,16 +35,18 @@ def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[type
 
     from meshlet.proxy.mitm.forwarding import Forwarding
     from meshlet.proxy.mitm.h2c import H2c
+    from meshlet.proxy.mitm.inbound import Inbound  # before mTLS: a refused destination is closed before TLS
     from meshlet.proxy.mitm.mtls import mesh_tls_addons  # before NextLayer/TlsConfig: it supplies mesh TLS itself
     from meshlet.proxy.mitm.strict import Strict  # first of the request hooks: refused requests go no further
     from meshlet.proxy.mitm.tunnel import PassThrough
 
-    mtls = mesh_tls_addons(config, lambda: routing.state.table.policies, routing.metrics.registry)
+    mtls = mesh_tls_addons(config, lambda: routing.state.table.policies, routing.metrics.registry,
+                           dict(config.workload_labels))
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     routing.peer_identity = mtls[0].peer_identity
     return [
-        core.Core(), proxyserver.Proxyserver(), Strict(routing.metrics), *mtls, H2c(), PassThrough(),
-        next_layer.NextLayer(), tlsconfig.TlsConfig(), Forwarding(),
+        core.Core(), proxyserver.Proxyserver(), Strict(routing.metrics), Inbound(config), *mtls, H2c(),
+        PassThrough(), next_layer.NextLayer(), tlsconfig.TlsConfig(), Forwarding(),
         *scripts,
         routing,
     ]
@@ -60,10 +63,9 @@ class MitmEngine:
         from meshlet.proxy.mitm.scripts import configure, load_scripts, script_errors
 
         self.config = config
-        if config.reuse_port:
-            from meshlet.proxy.mitm.reuseport import enable_reuse_port
+        from meshlet.proxy.mitm.listeners import install_listeners
 
-            enable_reuse_port()
+        install_listeners(config.reuse_port)
         self.routing = Routing(state, metrics, config.strict_hosts, tap, stream=not config.addons)
         self.options = options.Options()
         self.master = Master(self.options, with_termlog=False)
@@ -94,8 +96,8 @@ class MitmEngine:
         if not listening or failed:
             raise StartupError("; ".join(failed) or "listeners failed to start")
         await self.master.running()
-        addrs = [a for s in self.proxyserver.servers for a in s.listen_addrs]
-        return f"{addrs[0][0]}:{addrs[0][1]}", f"{addrs[1][0]}:{addrs[1][1]}"
+        outbound, inbound = (server.listen_addrs[0] for server in self.proxyserver.servers)  # mode_specs' order
+        return str(Address(*outbound[:2])), str(Address(*inbound[:2]))
 
     def ready(self) -> bool:
         return self.mtls.ready() and all(s.is_running for s in self.proxyserver.servers)

@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, layer, server_hooks
-from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.proxy import layer, server_hooks
 from OpenSSL import SSL, crypto
 from prometheus_client import CollectorRegistry
 
 from meshlet.mtls.contexts import TlsContexts
-from meshlet.mtls.inbound import PEER_IDENTITY_HEADER, inbound_mtls, mesh_backends
+from meshlet.mtls.inbound import NO_LABELS, PEER_IDENTITY_HEADER, Labels, inbound_mtls, mesh_backends
 from meshlet.mtls.source import POLL_SECONDS, IdentityConfig, IdentitySource, identity_source
 from meshlet.mtls.upstream import UpstreamTls, client_context
 from meshlet.mtls.verify import Result, Verdict, verify_peer
 from meshlet.policy.model import Backend, TrafficPolicy
+from meshlet.proxy.mitm.inbound import Refuse, is_inbound
 from meshlet.telemetry.mtls import MtlsMetrics, default_metrics
 
 log = logging.getLogger(__name__)
@@ -74,17 +74,6 @@ class _Probe:
         return verdict.ok
 
 
-class _Refuse(layer.Layer):
-    """Closes the client connection without a byte: a plaintext peer on a STRICT port gets nothing."""
-
-    closed = False
-
-    def _handle_event(self, event):
-        if not self.closed:
-            self.closed = True
-            yield commands.CloseConnection(self.context.client)
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -102,8 +91,10 @@ class MeshTls:
         metrics: MtlsMetrics | None = None,
         poll_interval: float = POLL_SECONDS,
         now: Callable[[], dt.datetime] = _now,
+        workload_labels: Labels = NO_LABELS,
     ) -> None:
         self.source = source
+        self._labels = workload_labels  # which policy's mtls section is this workload's (mtls.selector)
         self._policies = policies
         self.metrics = metrics or default_metrics()
         self._poll_interval = poll_interval
@@ -161,24 +152,24 @@ class MeshTls:
     # --- inbound -----------------------------------------------------------------------------
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         client = nextlayer.context.client
-        if nextlayer.layer or not self._is_inbound(client):
+        if nextlayer.layer or not is_inbound(client):
             return
         data = nextlayer.data_client()
         if not data:
             return
         is_tls = starts_like_tls_record(data)
-        mode = inbound_mtls(self._policies()).mode
+        mode = inbound_mtls(self._policies(), self._labels).mode
         if not is_tls:
             self.metrics.handshake("inbound", "plaintext")
         no_identity = self._contexts() is None
         if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and no_identity):
             log.info("inbound %s refused: %s on a %s port", client.peername, "TLS" if is_tls else "plaintext", mode)
-            nextlayer.layer = _Refuse(nextlayer.context)
+            nextlayer.layer = Refuse(nextlayer.context)
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         client = data.context.client
         contexts = self._contexts()
-        if data.ssl_conn is not None or contexts is None or not self._is_inbound(client):
+        if data.ssl_conn is not None or contexts is None or not is_inbound(client):
             return
         probe = _Probe(contexts.identity.bundle, self._now)
         conn = SSL.Connection(contexts.server)
@@ -203,7 +194,7 @@ class MeshTls:
             return
         identity = probe.verdict.identity
         self._identities[data.conn.id] = identity
-        allow = inbound_mtls(self._policies()).allow
+        allow = inbound_mtls(self._policies(), self._labels).allow
         self.metrics.handshake("inbound", "denied" if allow and identity not in allow else "ok")
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
@@ -222,12 +213,12 @@ class MeshTls:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        if self._is_inbound(flow.client_conn):
+        if is_inbound(flow.client_conn):
             self._authorize(flow)
 
     def _authorize(self, flow: http.HTTPFlow) -> None:
         flow.request.headers.pop(PEER_IDENTITY_HEADER, None)
-        mtls = inbound_mtls(self._policies())
+        mtls = inbound_mtls(self._policies(), self._labels)
         identity = self._identities.get(flow.client_conn.id)
         if identity is None:
             if mtls.mode == "STRICT":  # a plaintext connection accepted before the policy became STRICT
@@ -237,10 +228,6 @@ class MeshTls:
             flow.response = _forbidden(f"peer identity {identity} is not allowed")
             return
         flow.request.headers[PEER_IDENTITY_HEADER] = identity
-
-    @staticmethod
-    def _is_inbound(client: connection.Client) -> bool:
-        return isinstance(client.proxy_mode, ReverseMode)  # the sidecar's one reverse listener: inbound
 
     # --- outbound: the routing addon sets scheme https for `tls: mesh` backends ------------------
     def tls_start_server(self, data: tls.TlsData) -> None:
@@ -340,7 +327,7 @@ def _forbidden(reason: str) -> http.Response:
 
 
 def mesh_tls_addons(config: IdentityConfig, policies: Callable[[], Sequence[TrafficPolicy]],
-                    registry: CollectorRegistry) -> list[MeshTls]:
+                    registry: CollectorRegistry, workload_labels: Labels = NO_LABELS) -> list[MeshTls]:
     """The addon as the sidecar adds it, with the identity source `config` names
     (meshlet.mtls.source); raises IdentityError when its files are unusable.
 
@@ -348,4 +335,4 @@ def mesh_tls_addons(config: IdentityConfig, policies: Callable[[], Sequence[Traf
     header must still be stripped.
     """
     source = identity_source(config, alpn_select=alpn_select_callback)  # ALPN negotiated as mitmproxy does
-    return [MeshTls(source, policies, MtlsMetrics(registry))]
+    return [MeshTls(source, policies, MtlsMetrics(registry), workload_labels=workload_labels)]

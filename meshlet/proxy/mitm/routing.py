@@ -29,9 +29,9 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from meshlet.mtls.upstream import UpstreamTls
 from meshlet.policy.model import Backend
+from meshlet.proxy.inbound import APP_BACKEND, INBOUND_ROUTE, REFUSED_BACKEND
 from meshlet.proxy.mitm import responses
 from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
-from meshlet.proxy.mitm.origdst import original_destination
 from meshlet.proxy.state import PolicyState
 from meshlet.proxy.tap import TapHub, TapRecord
 from meshlet.routing import Decision, RequestView, Unmatched, decide, parse_cookies
@@ -132,21 +132,21 @@ class Routing:
         self.upstream_tls: Callable[[Backend], UpstreamTls | None] = lambda backend: None
         self.peer_identity: Callable[[connection.Client], str] = lambda client: ""
         self.open_upstreams: Counter[tuple[str, int]] = Counter()
-        self.inbound_ports: dict[str, int | None] = {}  # client id -> original port, when redirected
         self.in_flight = 0
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or KEY in flow.metadata:
+        if KEY in flow.metadata:
+            return
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):  # to the app (meshlet.proxy.mitm.inbound)
+            self.in_flight += 1
+            # Counted also when the mTLS addon answered already (403): refusals show in the metrics.
+            backend = REFUSED_BACKEND if flow.response else APP_BACKEND
+            flow.metadata[KEY] = Exchange("inbound", INBOUND_ROUTE, backend, "app", time.perf_counter())
+            flow.request.stream = self.stream and flow.response is None
+            return
+        if flow.response:
             return
         self.in_flight += 1
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            flow.metadata[KEY] = Exchange("inbound", "inbound", "app", "app", time.perf_counter())
-            if self.stream:
-                flow.request.stream = True
-            port = self._inbound_port(flow.client_conn)
-            if port is not None:
-                flow.request.port = port
-            return
         await self._route(flow, decide(self.state.table, request_view(flow)))
 
     async def _route(self, flow: http.HTTPFlow, decision: Decision | Unmatched | None) -> None:
@@ -251,17 +251,6 @@ class Routing:
             self.open_upstreams[address] -= 1
             if self.open_upstreams[address] <= 0:
                 del self.open_upstreams[address]  # pass-through destinations must not pile up
-
-    def _inbound_port(self, client: connection.Client) -> int | None:
-        """The app port a redirected inbound connection was sent to (a Pod's app may listen on
-        several; `--app` names one): looked up once per connection."""
-        if client.id not in self.inbound_ports:
-            destination = original_destination(client)
-            self.inbound_ports[client.id] = destination[1] if destination else None
-        return self.inbound_ports[client.id]
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self.inbound_ports.pop(client.id, None)
 
     def done(self) -> None:
         self.pool.close()

@@ -54,7 +54,9 @@ def selected(plural: str, namespace: str, query: dict, obj_plural: str, obj_name
 
 
 class FakeApiServer:
-    def __init__(self, token: str = "test-token"):
+    """`host`/`port`: where it listens (a peer network namespace's address, for the Pod tests)."""
+
+    def __init__(self, token: str = "test-token", host: str = "127.0.0.1", port: int = 0):
         self.token = token
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) → object
         self.leases: dict[tuple[str, str], dict] = {}  # (namespace, name) → Lease
@@ -67,13 +69,14 @@ class FakeApiServer:
         self.epoch = 0  # bumped to end open watches
         self.changed = threading.Condition()
         self.closing = False
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer((host, port), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
 
     def __enter__(self) -> FakeApiServer:
         self.thread.start()

@@ -24,6 +24,7 @@ from meshlet.k8s.sidecar import InjectConfig
 
 CFG = InjectConfig()
 POD_IP, PEER_IP = "192.0.2.1", "192.0.2.2"
+POD_IP6, PEER_IP6 = "2001:db8::1", "2001:db8::2"  # with pod_network(ipv6=True): a dual-stack Pod
 
 NEEDS = [
     pytest.mark.root,
@@ -33,8 +34,8 @@ NEEDS = [
 ]
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=check)
+def sh(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=check, input=stdin)
 
 
 def as_uid(uid: int) -> list[str]:
@@ -92,8 +93,9 @@ class PodNet:
 
 
 @contextlib.contextmanager
-def pod_network(prefix: str = "mk8s") -> Iterator[PodNet]:
-    """`prefix` names the namespaces (PREFIX-pod-TAG, PREFIX-peer-TAG); its first two letters the veths."""
+def pod_network(prefix: str = "mk8s", ipv6: bool = False) -> Iterator[PodNet]:
+    """`prefix` names the namespaces (PREFIX-pod-TAG, PREFIX-peer-TAG); its first two letters the veths.
+    `ipv6`: the Pod and the peer get IPv6 addresses too (POD_IP6, PEER_IP6): a dual-stack Pod."""
     tag = uuid.uuid4().hex[:6]
     net = PodNet(f"{prefix}-pod-{tag}", f"{prefix}-peer-{tag}")
     pod_dev, peer_dev = f"{prefix[:2]}p{tag}", f"{prefix[:2]}q{tag}"
@@ -101,8 +103,10 @@ def pod_network(prefix: str = "mk8s") -> Iterator[PodNet]:
         sh("ip", "netns", "add", net.pod)
         sh("ip", "netns", "add", net.peer)
         sh("ip", "link", "add", pod_dev, "netns", net.pod, "type", "veth", "peer", "name", peer_dev, "netns", net.peer)
-        for ns, dev, addr in ((net.pod, pod_dev, POD_IP), (net.peer, peer_dev, PEER_IP)):
+        for ns, dev, addr, addr6 in ((net.pod, pod_dev, POD_IP, POD_IP6), (net.peer, peer_dev, PEER_IP, PEER_IP6)):
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            if ipv6:  # nodad: usable at once, no duplicate address detection delay
+                sh("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         yield net

@@ -79,7 +79,8 @@ def proxy_values_to_config(values: dict, identity_server: str) -> InjectConfig:
         resources=Resources(r["requests"]["cpu"], r["requests"]["memory"],
                             r.get("limits", {}).get("cpu"), r.get("limits", {}).get("memory")),
         uid=proxy["uid"], workers=proxy["workers"], outbound_port=proxy["ports"]["outbound"], inbound_port=proxy["ports"]["inbound"],
-        admin_port=proxy["ports"]["admin"], identity=proxy["identity"]["mode"], identity_server=identity_server,
+        admin_port=proxy["ports"]["admin"], health_port=proxy["ports"]["health"],
+        identity=proxy["identity"]["mode"], identity_server=identity_server,
         trust_bundle=proxy["identity"]["trustBundleConfigMap"],
     )
 
@@ -236,7 +237,7 @@ def test_mesh_ca_secret_is_a_ca():
 def test_pod_monitor_toggle_and_scrape_config():
     assert not [d for d in render() if d["kind"] == "PodMonitor"]
     monitors = [d for d in render("monitoring.podMonitor.enabled=true") if d["kind"] == "PodMonitor"]
-    assert [m["spec"]["podMetricsEndpoints"][0]["port"] for m in monitors] == ["mesh-admin", "metrics"]
+    assert [m["spec"]["podMetricsEndpoints"][0]["port"] for m in monitors] == ["mesh-health", "metrics"]
     config = find(render(), "ConfigMap", "mesh-meshlet-scrape-config")
     jobs = yaml.safe_load(config["data"]["scrape-configs.yaml"])
     assert jobs == yaml.safe_load((CHART / "files" / "scrape-configs.yaml").read_text())

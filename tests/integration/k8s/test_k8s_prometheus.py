@@ -94,7 +94,8 @@ def start_sidecar(tmp_path: Path, backend_port: int, processes: list) -> dict[st
                       .replace("127.0.0.1:9081", f"127.0.0.1:{backend_port}")
                       .replace("127.0.0.1:9082", f"127.0.0.1:{backend_port}"))
     proc = subprocess.Popen([str(MESHLET), "run", "--policy", str(policy), "--outbound", "127.0.0.1:0",
-                             "--inbound", "127.0.0.2:0", "--admin", "127.0.0.1:0", "--workers", "1"],
+                             "--inbound", "127.0.0.2:0", "--admin", "127.0.0.1:0", "--health", "127.0.0.1:0",
+                             "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     processes.append(proc)
     lines: queue.Queue[str] = queue.Queue()
@@ -112,12 +113,12 @@ def test_prometheus_scrapes_an_injected_sidecar_and_answers_p99(tmp_path, proces
     stop = threading.Event()
     try:
         addrs = start_sidecar(tmp_path, backend.server_address[1], processes)
-        admin_port = int(addrs["admin"].rsplit(":", 1)[1])
+        health_port = int(addrs["health"].rsplit(":", 1)[1])
 
-        # The Pod as injected with this sidecar's admin port, and a Pod that opted out of scraping.
+        # The Pod as injected with this sidecar's health port, and a Pod that opted out of scraping.
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reviews-v1-abc"},
                "spec": {"containers": [{"name": "app", "image": "app"}]}}
-        annotations = inject_pod(pod, InjectConfig(admin_port=admin_port)).obj["metadata"]["annotations"]
+        annotations = inject_pod(pod, InjectConfig(health_port=health_port)).obj["metadata"]["annotations"]
         targets = tmp_path / "targets.json"
         targets.write_text(json.dumps([
             {"targets": ["127.0.0.1"], "labels": {**meta_labels(annotations), "__meta_kubernetes_namespace": "shop",
@@ -161,7 +162,7 @@ def test_prometheus_scrapes_an_injected_sidecar_and_answers_p99(tmp_path, proces
         assert 0 < value < 10, value  # seconds, within the histogram's buckets
 
         active = get_json(f"http://{web}/api/v1/targets")["data"]["activeTargets"]
-        assert [t["scrapeUrl"] for t in active] == [f"http://127.0.0.1:{admin_port}/metrics"]
+        assert [t["scrapeUrl"] for t in active] == [f"http://127.0.0.1:{health_port}/metrics"]
         assert active[0]["labels"]["pod"] == "reviews-v1-abc" and active[0]["labels"]["namespace"] == "shop"
         assert active[0]["health"] == "up"
     finally:

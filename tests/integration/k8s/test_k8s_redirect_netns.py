@@ -52,7 +52,7 @@ print(c.recv(200).decode())
 def namespaces():
     with pod_network() as net:
         net.start(net.pod, SERVER, f"outbound,127.0.0.1,{CFG.outbound_port}", f"inbound,0.0.0.0,{CFG.inbound_port}",
-                  f"admin,0.0.0.0,{CFG.admin_port}", "app,0.0.0.0,8080")
+                  f"health,0.0.0.0,{CFG.health_port}", f"admin,127.0.0.1,{CFG.admin_port}", "app,0.0.0.0,8080")
         net.start(net.peer, SERVER, "peer,0.0.0.0,80", "peer,0.0.0.0,8080")
         yield net
 
@@ -70,13 +70,16 @@ def reached(ns: str, host: str, port: int, uid: int = 0, mark: int | None = None
     return connect(ns, host, port, uid, mark).split()[0]
 
 
-def test_redirect_captures_inbound_and_outbound_but_not_the_proxy_or_admin(namespaces):
+def test_redirect_captures_inbound_and_outbound_but_not_the_proxy_or_health(namespaces):
     net = namespaces
     pod, peer = net.pod, net.peer
     assert reached(peer, POD_IP, 8080) == "app", "before the script, traffic goes straight to the app"
     net.install_redirect()
     assert connect(peer, POD_IP, 8080) == f"inbound {POD_IP}:8080"
-    assert reached(peer, POD_IP, CFG.admin_port) == "admin", "probes and scrapes reach admin directly"
+    assert reached(peer, POD_IP, CFG.health_port) == "health", "probes and scrapes reach the health port directly"
+    for port in (CFG.admin_port, CFG.outbound_port):  # loopback-only listeners: the kernel refuses a peer
+        result = sh("ip", "netns", "exec", peer, sys.executable, "-c", CLIENT, POD_IP, str(port), check=False)
+        assert "ConnectionRefusedError" in result.stderr, (port, result.stdout)
     assert connect(pod, PEER_IP, 80) == f"outbound {PEER_IP}:80"
     assert reached(pod, PEER_IP, 8080, uid=CFG.uid) == "peer", "the proxy's own traffic must not loop"
     assert reached(pod, "127.0.0.1", 8080) == "app", "loopback (sidecar → app) is not captured"

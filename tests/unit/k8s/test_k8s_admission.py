@@ -69,7 +69,7 @@ def test_annotation_keys_with_slashes_are_escaped():
     pod = copy.deepcopy(POD)
     pod["metadata"]["annotations"] = {"prometheus.io/port": "8080", "a~b": "x"}
     ops = json.loads(base64.b64decode(answer(review_of(pod))["patch"]))
-    assert {"op": "replace", "path": "/metadata/annotations/prometheus.io~1port", "value": "15000"} in ops
+    assert {"op": "replace", "path": "/metadata/annotations/prometheus.io~1port", "value": "15020"} in ops
     assert pointer(["a~b/c", 0]) == "/a~0b~1c/0"
 
 

@@ -104,7 +104,7 @@ def test_sidecar_is_native_and_starts_before_the_app_and_other_init_containers()
     proxy = spec["initContainers"][1]
     assert proxy["restartPolicy"] == "Always"
     for probe in ("startupProbe", "readinessProbe"):
-        assert proxy[probe]["httpGet"] == {"path": "/readyz", "port": 15000}
+        assert proxy[probe]["httpGet"] == {"path": "/readyz", "port": 15020}  # the read-only health port
     assert proxy["securityContext"]["runAsUser"] == 1337
     assert "--app" in proxy["args"] and proxy["args"][proxy["args"].index("--app") + 1] == "127.0.0.1:9080"
     assert {"name": "meshlet-token", "mountPath": "/var/run/secrets/meshlet", "readOnly": True} in proxy["volumeMounts"]
@@ -112,22 +112,42 @@ def test_sidecar_is_native_and_starts_before_the_app_and_other_init_containers()
     assert [c["name"] for c in spec["containers"]] == ["productpage"]
     annotations = result.obj["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "15000"
+    assert annotations["prometheus.io/port"] == "15020"
     assert annotations["prometheus.io/path"] == "/metrics"
     assert pod == yaml.safe_load((HERE / "manifests" / "pod-with-init.yaml").read_text()), "input was mutated"
 
 
-def test_redirect_script_excludes_proxy_uid_and_admin_port():
-    script = sidecar.redirect_script(InjectConfig(uid=2000, admin_port=16000, inbound_port=16006, outbound_port=16001))
+def test_redirect_script_excludes_proxy_uid_and_the_sidecars_own_ports():
+    cfg = InjectConfig(uid=2000, admin_port=16000, health_port=16020, inbound_port=16006, outbound_port=16001)
+    script = sidecar.redirect_script(cfg)
     assert "--uid-owner 2000 -j RETURN" in script
-    assert "--dport 16000 -j RETURN" in script
+    for port in (16000, 16001, 16006, 16020):  # the kernel delivers them: to the Pod IP or nowhere
+        assert f"ipt4 -A MESHLET_INBOUND -p tcp --dport {port} -j RETURN" in script
     assert "REDIRECT --to-ports 16006" in script and "REDIRECT --to-ports 16001" in script
+
+
+def test_redirect_script_programs_ip6tables_when_the_pod_has_ipv6():
+    lines = sidecar.redirect_script(CFG).splitlines()
+    v6 = lines[lines.index("if grep -q . /proc/net/if_inet6 2>/dev/null; then") + 1:lines.index("fi")]
+    assert v6[0] == '  ipt6() { ip6tables -w 5 -t nat "$@"; }'
+    assert "  ipt6 -A MESHLET_OUTPUT -d ::1/128 -j RETURN" in v6
+    v4 = lines[lines.index('ipt4() { iptables -w 5 -t nat "$@"; }') + 1:lines.index("if grep -q . /proc/net/if_inet6 2>/dev/null; then")]
+    assert [line.strip().replace("ipt6", "ipt4").replace("::1/128", "127.0.0.0/8") for line in v6[1:]] == v4
+    assert lines[0] == "set -eu"  # an ip6tables failure stops the init container: the Pod does not start
+
+
+def test_the_sidecar_args_keep_the_control_api_on_loopback():
+    args = sidecar.proxy_container(CFG, 8080)["args"]
+    value = dict(zip(args[2::2], args[3::2], strict=False))
+    assert value["--admin"] == "127.0.0.1:15000" and value["--health"] == "[::]:15020"
+    assert value["--outbound"] == "localhost:15001" and value["--inbound"] == "[::]:15006"
+    assert value["--workload-labels"] == "/etc/meshlet/podinfo/labels"
 
 
 def test_connections_split_in_the_kernel_return_before_the_outbound_redirect():
     lines = sidecar.redirect_script(CFG).splitlines()
-    marked = lines.index(f"ipt -A MESHLET_OUTPUT -m mark --mark {BYPASS_MARK:#x} -j RETURN")
-    assert marked < lines.index(f"ipt -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports {CFG.outbound_port}")
+    marked = lines.index(f"ipt4 -A MESHLET_OUTPUT -m mark --mark {BYPASS_MARK:#x} -j RETURN")
+    assert marked < lines.index(f"ipt4 -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports {CFG.outbound_port}")
 
 
 def test_excluded_ports_from_annotations_bypass_the_redirect():
@@ -137,11 +157,11 @@ def test_excluded_ports_from_annotations_bypass_the_redirect():
     obj, (result,) = inject_document(deployment, CFG)
     assert result.outcome == "injected"
     script = pod_spec(obj)["initContainers"][0]["command"][-1].splitlines()
-    redirect_out = script.index(f"ipt -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports {CFG.outbound_port}")
-    redirect_in = script.index(f"ipt -A MESHLET_INBOUND -p tcp -j REDIRECT --to-ports {CFG.inbound_port}")
+    redirect_out = script.index(f"ipt4 -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports {CFG.outbound_port}")
+    redirect_in = script.index(f"ipt4 -A MESHLET_INBOUND -p tcp -j REDIRECT --to-ports {CFG.inbound_port}")
     for port in (25, 3306):  # before the catch-all REDIRECT, or they would never match
-        assert script.index(f"ipt -A MESHLET_OUTPUT -p tcp --dport {port} -j RETURN") < redirect_out
-    assert script.index("ipt -A MESHLET_INBOUND -p tcp --dport 9090 -j RETURN") < redirect_in
+        assert script.index(f"ipt4 -A MESHLET_OUTPUT -p tcp --dport {port} -j RETURN") < redirect_out
+    assert script.index("ipt4 -A MESHLET_INBOUND -p tcp --dport 9090 -j RETURN") < redirect_in
     assert not any("--dport 9090" in line for line in script if "MESHLET_OUTPUT" in line)
 
 
@@ -318,9 +338,9 @@ def test_identity_from_csi_driver_spiffe():
 def test_identity_mode_none_means_no_mtls_flag_and_no_volume():
     pod = yaml.safe_load((HERE / "manifests" / "pod-with-init.yaml").read_text())
     spec = inject_pod(pod, InjectConfig(identity="none")).obj["spec"]
-    assert [v["name"] for v in spec["volumes"]] == ["meshlet-tmp"]
+    assert [v["name"] for v in spec["volumes"]] == ["meshlet-tmp", "meshlet-podinfo"]
     proxy = spec["initContainers"][1]
     assert not [a for a in proxy["args"] if a.startswith("--identity")]
-    assert [m["name"] for m in proxy["volumeMounts"]] == ["meshlet-tmp"]
+    assert [m["name"] for m in proxy["volumeMounts"]] == ["meshlet-tmp", "meshlet-podinfo"]
     result = run("inject", "-q", "-f", "-", "--identity-mode", "none", stdin=yaml.safe_dump(pod))
     assert yaml.safe_load(result.stdout)["spec"] == spec

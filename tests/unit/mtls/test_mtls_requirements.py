@@ -64,3 +64,10 @@ def test_state_without_identity_refuses_and_keeps_the_running_table():
         state.apply(NEEDS_IDENTITY, "policy")
     assert state.current is before and state.generation == 1
     assert PolicyState(compile_policy(PLAIN, 1)).apply(NEEDS_IDENTITY).table.generation == 2
+
+
+def test_strict_for_other_workloads_needs_no_identity_here():
+    scoped = PLAIN.replace("{mode: PERMISSIVE}", "{mode: STRICT, selector: {matchLabels: {app: ratings}}}")
+    require_identity(load_text(scoped).traffic, has_identity=False, workload_labels={"app": "reviews"})
+    with pytest.raises(PolicyInvalid, match=r"mtls\.mode STRICT needs a mesh identity"):
+        require_identity(load_text(scoped).traffic, has_identity=False, workload_labels={"app": "ratings"})
