@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from meshlet.proxy.h2c import PREFACE
+from meshlet.proxy.inbound import Refused, inbound_target
 from meshlet.proxy.lean.exchange import Exchange
 from meshlet.proxy.lean.http1 import (
     MAX_HEAD_BYTES,
@@ -110,7 +111,12 @@ class Downstream(asyncio.Protocol):
             self.original_destination = original_destination_of(sock)
         engine.connections.add(self)
         if self.direction == "inbound":
-            self.inbound_target = engine.inbound_target(self.original_destination)
+            target = inbound_target(engine.config, self.original_destination, transport.get_extra_info("sockname"))
+            if isinstance(target, Refused):
+                log.info("inbound connection from %s refused: %s", self.peer_ip, target.reason)
+                self.transport.abort()
+                return
+            self.inbound_target = target
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 if not self._judge_peer():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import time
@@ -26,6 +25,7 @@ from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError
 from meshlet.proxy.lean.downstream import Downstream
 from meshlet.proxy.lean.upstream import UpstreamPool
+from meshlet.proxy.listen import bind_listeners, is_loopback
 from meshlet.proxy.state import PolicyState
 from meshlet.proxy.tap import TapHub
 from meshlet.telemetry.mtls import MtlsMetrics
@@ -39,32 +39,6 @@ log = logging.getLogger("meshlet.proxy")
 SWEEP_SECONDS = 1.0
 TLS_RECORD = 0x16
 BACKLOG = 1024
-
-
-def listen_socket(address: Address, reuse_port: bool) -> socket.socket:
-    """A bound, listening, non-blocking socket. SO_REUSEADDR: a restarted sidecar binds at once
-    although its old connections linger in TIME_WAIT; SO_REUSEPORT: `--workers` share the port."""
-    host = address.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so accepted sockets get TCP_NODELAY
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, address.port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise StartupError(f"cannot listen on {address}: {e.strerror or e}") from None
-    return sock
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback or ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return host == "localhost"
 
 
 class LeanEngine:
@@ -93,11 +67,20 @@ class LeanEngine:
         self.draining = False
         self.listening = False
         self.own_ports: frozenset[int] = frozenset()
-        self._outbound: asyncio.Server | None = None
-        self._inbound: socket.socket | None = None
+        self._outbound: list[asyncio.Server] = []
+        self._inbound: list[socket.socket] = []
+        self.workload_labels = dict(config.workload_labels)
         self._sweeper: asyncio.Task | None = None
 
     # --- Engine ------------------------------------------------------------------------------
+    def _bind(self, address: Address) -> list[socket.socket]:
+        """SO_REUSEADDR (a restarted sidecar binds at once), SO_REUSEPORT for `--workers`, `::` as
+        one dual-stack socket, `localhost` as both loopbacks: meshlet.proxy.listen, as mitmproxy's."""
+        try:
+            return bind_listeners(address, self.config.reuse_port)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {address}: {e.strerror or e}") from None
+
     async def start(self) -> tuple[str, str]:
         self.loop = asyncio.get_running_loop()
         if self.identity is not None:
@@ -109,19 +92,25 @@ class LeanEngine:
                 raise StartupError(str(e)) from None
         self.pool = UpstreamPool()
         config = self.config
-        outbound = listen_socket(config.outbound, config.reuse_port)
+        outbound = self._bind(config.outbound)
         try:
-            inbound = listen_socket(config.inbound, config.reuse_port)
+            inbound = self._bind(config.inbound)
         except StartupError:
-            outbound.close()
+            for sock in outbound:
+                sock.close()
             raise
-        self._outbound = await self.loop.create_server(lambda: Downstream(self, "outbound"), sock=outbound)
+        self._outbound = [
+            await self.loop.create_server(lambda: Downstream(self, "outbound"), sock=sock, backlog=BACKLOG)
+            for sock in outbound
+        ]
+        for sock in inbound:
+            sock.listen(BACKLOG)
+            self.loop.add_reader(sock.fileno(), self._accept_inbound, sock)
         self._inbound = inbound
-        self.loop.add_reader(inbound.fileno(), self._accept_inbound)
-        self.own_ports = frozenset((outbound.getsockname()[1], inbound.getsockname()[1], config.admin.port))
+        self.own_ports = config.own_ports | {outbound[0].getsockname()[1], inbound[0].getsockname()[1]}
         self._sweeper = self.loop.create_task(self._sweep())
         self.listening = True
-        return _describe(outbound), _describe(inbound)
+        return _describe(outbound[0]), _describe(inbound[0])
 
     def ready(self) -> bool:
         return self.listening and (self.identity is None or self.identity.ready())
@@ -169,25 +158,18 @@ class LeanEngine:
     def upstream_tls(self, backend: Backend, h2: bool = False) -> UpstreamTls | None:
         return self.identity.upstream(backend, h2) if self.identity is not None else None
 
-    def inbound_target(self, original_destination: tuple[str, int] | None) -> tuple[str, int]:
-        """Where an inbound connection's requests go: the app port it was sent to (a Pod's app
-        may listen on several; `--app` names the default)."""
-        app = self.config.app
-        return (app.host, original_destination[1] if original_destination else app.port)
-
     def inbound_allow(self) -> tuple[str, ...]:
-        return inbound_mtls(self.state.table.policies).allow
+        return inbound_mtls(self.state.table.policies, self.workload_labels).allow
 
     def is_own_address(self, destination: tuple[str, int]) -> bool:
         """A passthrough back into this sidecar would loop."""
-        return destination[1] in self.own_ports and _is_loopback(destination[0])
+        return destination[1] in self.own_ports and is_loopback(destination[0])
 
     # --- inbound: accept, peek, then the transport the first byte asks for ----------------------
-    def _accept_inbound(self) -> None:
-        assert self._inbound is not None
+    def _accept_inbound(self, listener: socket.socket) -> None:
         for _ in range(BACKLOG):
             try:
-                sock, _ = self._inbound.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and the like: logged, the listener stays
@@ -209,7 +191,7 @@ class LeanEngine:
             sock.close()
             return
         is_tls = first[0] == TLS_RECORD
-        mode = inbound_mtls(self.state.table.policies).mode
+        mode = inbound_mtls(self.state.table.policies, self.workload_labels).mode
         if not is_tls:
             self.mtls_metrics.handshake("inbound", "plaintext")
         no_certificate = self.identity is None or self.identity.server is None
@@ -244,13 +226,13 @@ class LeanEngine:
     # --- housekeeping --------------------------------------------------------------------------
     def _stop_listening(self) -> None:
         self.listening = False
-        if self._outbound is not None:
-            self._outbound.close()
-            self._outbound = None
-        if self._inbound is not None:
-            self.loop.remove_reader(self._inbound.fileno())
-            self._inbound.close()
-            self._inbound = None
+        for server in self._outbound:
+            server.close()
+        self._outbound = []
+        for listener in self._inbound:
+            self.loop.remove_reader(listener.fileno())
+            listener.close()
+        self._inbound = []
         for sock in list(self.sniffing):
             self._unsniff(sock)
             sock.close()

@@ -16,6 +16,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from meshlet.mtls.inbound import PEER_IDENTITY_HEADER
+from meshlet.proxy.inbound import CALLER_ADDRESS_HEADERS
 from meshlet.proxy.lean.http1 import (
     CONTINUE,
     HOP_BY_HOP,
@@ -39,11 +40,11 @@ MAX_BACKLOG = 64 * 1024  # request body held while connecting before the client 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 # Request fields the exchange looks at (the rest pass through untouched, in order).
-_HOST, _LENGTH, _TE, _CONNECTION, _EXPECT, _REQUEST_ID, _IDENTITY, _UPGRADE, _HOP = range(9)
+_HOST, _LENGTH, _TE, _CONNECTION, _EXPECT, _REQUEST_ID, _IDENTITY, _UPGRADE, _HOP, _CALLER = range(10)
 _SPECIAL = {
     b"host": _HOST, b"content-length": _LENGTH, b"transfer-encoding": _TE, b"connection": _CONNECTION,
     b"expect": _EXPECT, b"x-request-id": _REQUEST_ID, PEER_IDENTITY_HEADER.encode(): _IDENTITY,
-    b"upgrade": _UPGRADE,
+    b"upgrade": _UPGRADE, **{name.encode(): _CALLER for name in CALLER_ADDRESS_HEADERS},
     **{name: _HOP for name in HOP_BY_HOP - {b"transfer-encoding", b"connection", b"upgrade"}},
 }
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -109,6 +110,8 @@ class Exchange(Request):
                 connection = value if connection is None else connection + b"," + value
             elif kind == _EXPECT:
                 self.expect = value.strip().lower() == b"100-continue"
+            elif kind == _CALLER and self.direction == "outbound":  # the app's own; inbound, the sidecar's
+                lines.append(b"%s: %s\r\n" % (name, value))
             # _IDENTITY: set by the sidecar only, whatever the caller sent; _UPGRADE, _HOP: hop-by-hop
         if te is not None:
             if te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":  # RFC 9112 §6.3: no framing, no request
@@ -147,8 +150,8 @@ class Exchange(Request):
                 return
             if self.peer_identity:
                 lines.append(b"%s: %s\r\n" % (PEER_IDENTITY_HEADER.encode(), self.peer_identity.encode()))
+            lines.append(b"x-forwarded-for: %s\r\n" % downstream.peer_ip.removeprefix("::ffff:").encode())
             self.destination = downstream.inbound_target
-            self.route_name, self.backend, self.service = "inbound", "app", "app"
         elif not self._route():
             return
         # RFC 9112 §3.2: an HTTP/1.1 request has one Host; a proxy makes it from an absolute-form

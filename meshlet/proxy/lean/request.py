@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlet.mtls.inbound import inbound_mtls
 from meshlet.policy.model import Backend, Route
+from meshlet.proxy.inbound import APP_BACKEND, INBOUND_ROUTE, REFUSED_BACKEND
 from meshlet.proxy.lean.http1 import Header
 from meshlet.proxy.lean.upstream import PoolKey
 from meshlet.proxy.lean.views import CookieView, HeaderView
@@ -146,21 +147,22 @@ class Request:
         return True
 
     def _authorize(self) -> bool:
-        """Inbound: the caller's mesh identity against the policy's mTLS mode and allow list. The
-        framing passes a verified identity on in PEER_IDENTITY_HEADER (`peer_identity`)."""
+        """Inbound: the caller's mesh identity against this workload's mTLS mode and allow list
+        (a refusal is a 403 counted with backend `none`). The framing passes a verified identity
+        on in PEER_IDENTITY_HEADER (`peer_identity`) and the caller's address in x-forwarded-for."""
         downstream = self.downstream
-        mtls = inbound_mtls(downstream.engine.state.table.policies)
+        mtls = inbound_mtls(downstream.engine.state.table.policies, downstream.engine.workload_labels)
         identity = downstream.identity
-        self.route_name, self.backend, self.service = "inbound", "app", "app"
-        if identity is None:
-            if mtls.mode == "STRICT":  # a plaintext connection accepted before the policy became STRICT
-                self.answer(403, "meshlet: mTLS required")
-                return False
+        self.route_name, self.backend, self.service = INBOUND_ROUTE, APP_BACKEND, APP_BACKEND
+        if identity is None and mtls.mode == "STRICT":  # plaintext accepted before the policy became STRICT
+            refusal = "mTLS required"
+        elif identity is not None and mtls.allow and identity not in mtls.allow:
+            refusal = f"peer identity {identity} is not allowed"
+        else:
             return True
-        if mtls.allow and identity not in mtls.allow:
-            self.answer(403, f"meshlet: peer identity {identity} is not allowed")
-            return False
-        return True
+        self.backend = REFUSED_BACKEND
+        self.answer(403, f"meshlet: {refusal}")
+        return False
 
     def _pool_key(self, h2: bool = False) -> tuple[PoolKey, object]:
         """This attempt's backend (named in `backend`) as a pool key, and its mesh TLS if any. A key

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from h2.errors import ErrorCodes
 
 from meshlet.mtls.inbound import PEER_IDENTITY_HEADER
+from meshlet.proxy.inbound import CALLER_ADDRESS_HEADERS
 from meshlet.proxy.lean.http1 import HOP_BY_HOP, LAST_CHUNK, Header, chunk, field_value
 from meshlet.proxy.lean.request import Request, new_request_id
 from meshlet.proxy.lean.upstream import ConnectFailed, PoolKey, Upstream
@@ -35,6 +36,7 @@ GRPC_UNKNOWN = 2
 _IDENTITY = PEER_IDENTITY_HEADER.encode()
 # HTTP/2 allows TE only as `te: trailers`, which gRPC requires end to end (RFC 9113 §8.2.2).
 _NOT_FORWARDED = (HOP_BY_HOP - {b"te"}) | {b"host", b"http2-settings", _IDENTITY}
+_CALLER = frozenset(name.encode() for name in CALLER_ADDRESS_HEADERS)  # inbound: only the sidecar's
 
 
 def grpc_message(text: str) -> bytes:
@@ -104,15 +106,19 @@ class H2Exchange(Request):
             self.destination = self.downstream.inbound_target
         elif not self._route():
             return
+        inbound = self.direction == "inbound"
         fields = [(name, value) for name, value in self.fields
-                  if name not in _NOT_FORWARDED and (name != b"te" or value.strip().lower() == b"trailers")]
+                  if name not in _NOT_FORWARDED and (name != b"te" or value.strip().lower() == b"trailers")
+                  and not (inbound and name in _CALLER)]
         request_id = field_value(self.fields, b"x-request-id")
         if not request_id:
             request_id = new_request_id()
             fields.append((b"x-request-id", request_id))
         self.request_id = request_id
-        if self.peer_identity and self.direction == "inbound":
-            fields.append((_IDENTITY, self.peer_identity.encode()))
+        if inbound:
+            if self.peer_identity:
+                fields.append((_IDENTITY, self.peer_identity.encode()))
+            fields.append((b"x-forwarded-for", self.downstream.peer_ip.removeprefix("::ffff:").encode()))
         self.up_fields = fields
         self.start_timer(self.timed_out)
         self.dispatch()

@@ -35,8 +35,8 @@ from meshlet.k8s import sidecar
 from meshlet.mtls.ca import issue_workload, new_authority
 from meshlet.mtls.files import write_identity
 
-# Per engine (tests/integration/conftest.py); the lean engine joins once it applies meshlet.proxy.inbound.
-pytestmark = [*NEEDS, pytest.mark.timeout(180), pytest.mark.engines("mitmproxy")]
+# Per engine (tests/integration/conftest.py): both apply meshlet.proxy.inbound.
+pytestmark = [*NEEDS, pytest.mark.timeout(180)]
 HERE = Path(__file__).parent
 TRUST = "spiffe://cluster.local/ns/shop/sa"
 APP_PORT, SECRET_PORT, API_PORT = 8080, 9999, 6443
