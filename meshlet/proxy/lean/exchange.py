@@ -55,7 +55,7 @@ class Exchange(Request):
     """One HTTP/1.1 request and its response on a client connection (meshlet.proxy.lean.downstream)."""
 
     __slots__ = (
-        "backlog", "backlog_bytes", "chunked", "close_after", "connecting", "continued", "expect", "head", "http10",
+        "backlog_bytes", "chunked", "close_after", "connecting", "continued", "expect", "head", "http10",
         "keep_alive", "no_body", "rechunk", "request_done", "response_started", "retrying", "stale_retried",
         "target", "until_eof", "upgrade", "upstream",
     )
@@ -74,7 +74,6 @@ class Exchange(Request):
         self.request_done = self.response_started = False
         self.close_after = self.rechunk = self.until_eof = self.retrying = self.stale_retried = False
         self.no_body = method == b"HEAD"
-        self.backlog: list[bytes] = []
         self.backlog_bytes = 0
         self.upstream: Upstream | None = None
         self.connecting: asyncio.Task | None = None
@@ -400,13 +399,7 @@ class Exchange(Request):
             return
         if self.status >= 500:  # retries exhausted on 5xx answers: the client gets a 502 saying so
             detail = f"{detail}; last answer {self.status}"
-        what = "unavailable" if status == 503 else "failed"
-        self.answer(status, f"meshlet: backend {self.backend!r} {what}: {detail}")
-
-    def _retry(self) -> None:
-        self.attempt += 1
-        self.backlog = list(self.history or ())
-        self.dispatch()
+        self._give_up(status, detail)
 
     def timed_out(self) -> None:
         if self.finished:

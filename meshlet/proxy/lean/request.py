@@ -70,7 +70,7 @@ class Request:
     `fields` its header fields with lower-case names for HTTP/2 and as sent for HTTP/1.1."""
 
     __slots__ = (
-        "attempt", "authority", "backend", "backends", "decision", "destination", "direction", "downstream",
+        "attempt", "authority", "backend", "backends", "backlog", "decision", "destination", "direction", "downstream",
         "fields", "finished", "grpc_status", "history", "method", "path", "peer_identity", "request_id", "route",
         "route_name", "service", "started", "status", "timer",
     )
@@ -92,6 +92,7 @@ class Request:
         self.peer_identity: str = downstream.identity or ""
         self.finished = False
         self.history: list[bytes] | None = []  # the request body, kept for a retry up to MAX_REPLAY
+        self.backlog: list[bytes] = []  # request body not yet sent to this attempt's backend
         self.timer: asyncio.TimerHandle | None = None
         self.status = 0
         self.grpc_status = -1  # a gRPC call's status, once known
@@ -102,6 +103,20 @@ class Request:
 
     def answer(self, status: int, message: str, close: bool = False) -> None:
         raise NotImplementedError
+
+    def dispatch(self) -> None:
+        """Send this attempt to its backend (the framing's)."""
+        raise NotImplementedError
+
+    def _retry(self) -> None:
+        """The next attempt, to the next candidate, with the body kept so far."""
+        self.attempt += 1
+        self.backlog = list(self.history or ())
+        self.dispatch()
+
+    def _give_up(self, status: int, detail: str) -> None:
+        what = "unavailable" if status == 503 else "failed"
+        self.answer(status, f"meshlet: backend {self.backend!r} {what}: {detail}")
 
     def _route(self) -> bool:
         """Outbound: the policy's decision. False when answered here."""

@@ -46,7 +46,7 @@ def grpc_message(text: str) -> bytes:
 
 class H2Exchange(Request):
     __slots__ = (
-        "backlog", "chunked", "connecting", "grpc", "h1", "headers_sent", "owed_client", "owed_upstream",
+        "chunked", "connecting", "grpc", "h1", "headers_sent", "owed_client", "owed_upstream",
         "request_done", "request_trailers_", "stream_id", "up_fields", "up_stream", "upstream",
     )
 
@@ -59,7 +59,6 @@ class H2Exchange(Request):
         self.up_fields: list[Header] = []
         self.upstream: H2Upstream | None = None
         self.up_stream = 0
-        self.backlog: list[bytes] = []
         self.owed_client = self.owed_upstream = 0  # flow-controlled bytes relayed but not yet acknowledged
         self.connecting: asyncio.Task | None = None
         self.h1 = False  # the backend of this attempt speaks HTTP/1.1 (`upstream` is an Upstream)
@@ -410,13 +409,7 @@ class H2Exchange(Request):
         if self.request_done and self._may_retry((condition,)):
             self._retry()
             return
-        what = "unavailable" if status == 503 else "failed"
-        self.answer(status, f"meshlet: backend {self.backend!r} {what}: {detail}")
-
-    def _retry(self) -> None:
-        self.attempt += 1
-        self.backlog = list(self.history or ())
-        self.dispatch()
+        self._give_up(status, detail)
 
     def timed_out(self) -> None:
         if self.finished:
