@@ -27,14 +27,18 @@ def values() -> dict:
     return yaml.safe_load((CHART / "values.yaml").read_text())
 
 
-def containers(docs: list[dict], kind: str) -> list[dict]:
-    return find(docs, kind)["spec"]["template"]["spec"]["containers"]
+WEBHOOK, IDENTITY = "mesh-meshlet-webhook", "mesh-meshlet-identity"  # the chart's Deployments (release "mesh")
+
+
+def containers(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return find(docs, kind, name)["spec"]["template"]["spec"]["containers"]
 
 
 def test_chart_defaults_name_the_images_make_image_builds():
     sidecar, agent = read_image(SIDECAR_ARCHIVE), read_image(AGENT_ARCHIVE)
     docs = render()
-    assert containers(docs, "Deployment")[0]["image"] == sidecar.name  # the webhook
+    assert containers(docs, "Deployment", WEBHOOK)[0]["image"] == sidecar.name
+    assert containers(docs, "Deployment", IDENTITY)[0]["image"] == sidecar.name  # the identity service
     assert webhook_config(docs)[0].image == sidecar.name  # what it injects
     assert InjectConfig().image == sidecar.name  # what `meshlet inject` adds
     assert containers(docs, "DaemonSet")[0]["image"] == agent.name
@@ -47,9 +51,10 @@ def test_every_command_the_chart_runs_is_the_entrypoint():
     for image in (read_image(SIDECAR_ARCHIVE), read_image(AGENT_ARCHIVE)):
         assert image.config["Entrypoint"] == ["meshlet"]
         assert "/opt/meshlet/bin" in dict(e.split("=", 1) for e in image.config["Env"])["PATH"].split(":")
-    commands = [c["command"] for kind in ("Deployment", "DaemonSet") for c in containers(docs, kind)]
+    roles = (("Deployment", WEBHOOK), ("Deployment", IDENTITY), ("DaemonSet", None))
+    commands = [c["command"] for kind, name in roles for c in containers(docs, kind, name)]
     commands.append(proxy_container(InjectConfig(), 8080)["command"])
-    assert commands == [["meshlet"]] * 3
+    assert commands == [["meshlet"]] * 4
     assert init_container(InjectConfig())["command"][0] == "/bin/sh"  # the image's shell; test_image_roles runs it
 
 
@@ -62,8 +67,9 @@ def test_users_match_what_the_chart_runs_each_role_as():
     assert numeric_user(agent) == (0, 0)
     docs = render()
     assert containers(docs, "DaemonSet")[0]["securityContext"]["runAsUser"] == 0
-    webhook_pod = find(docs, "Deployment")["spec"]["template"]["spec"]["securityContext"]
-    assert webhook_pod["runAsNonRoot"] is True and webhook_pod["runAsUser"] not in (0, uid)
+    for deployment in (WEBHOOK, IDENTITY):  # neither may run as root, nor as the sidecar's exempt UID
+        pod = find(docs, "Deployment", deployment)["spec"]["template"]["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] not in (0, uid), deployment
 
 
 def test_labels_say_which_meshlet_and_which_commit():

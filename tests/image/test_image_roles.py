@@ -161,7 +161,7 @@ def test_init_container_installs_the_redirect(sidecar_image):
 
 
 def test_webhook_serves_as_the_charts_uid(sidecar_image, tmp_path):
-    deployment = find(render(), "Deployment")["spec"]["template"]["spec"]
+    deployment = find(render(), "Deployment", "mesh-meshlet-webhook")["spec"]["template"]["spec"]
     uid = deployment["securityContext"]["runAsUser"]
     assert sidecar_image.passwd(str(uid)), f"UID {uid} has no /etc/passwd entry in the image"
     cert, _ = self_signed(tmp_path)
