@@ -12,8 +12,7 @@ a task. Only opening a connection awaits.
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshlet.mtls.inbound import PEER_IDENTITY_HEADER
 from meshlet.proxy.inbound import CALLER_ADDRESS_HEADERS
@@ -30,7 +29,7 @@ from meshlet.proxy.lean.http1 import (
 )
 from meshlet.proxy.lean.relay import relay_to, splice
 from meshlet.proxy.lean.request import Request, new_request_id, parse_authority, split_target
-from meshlet.proxy.lean.upstream import ConnectFailed, PoolKey, Upstream
+from meshlet.proxy.lean.upstream import PoolKey, Upstream
 from meshlet.routing.attempts import status_conditions
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class Exchange(Request):
     """One HTTP/1.1 request and its response on a client connection (meshlet.proxy.lean.downstream)."""
 
     __slots__ = (
-        "backlog_bytes", "chunked", "close_after", "connecting", "continued", "expect", "head", "http10",
+        "backlog_bytes", "chunked", "close_after", "continued", "expect", "head", "http10",
         "keep_alive", "no_body", "rechunk", "request_done", "response_started", "retrying", "stale_retried",
         "target", "until_eof", "upgrade", "upstream",
     )
@@ -76,7 +75,6 @@ class Exchange(Request):
         self.no_body = method == b"HEAD"
         self.backlog_bytes = 0
         self.upstream: Upstream | None = None
-        self.connecting: asyncio.Task | None = None
 
     # --- the request ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -225,19 +223,13 @@ class Exchange(Request):
         else:
             self.connecting = self.downstream.engine.spawn(self._connect(key, tls))
 
-    async def _connect(self, key: PoolKey, tls) -> None:
-        route = self.route
-        try:
-            conn = await self.downstream.engine.pool.connect(key, tls, route.timeout if route else None)
-        except (ConnectFailed, TimeoutError) as e:
-            self.connecting = None
-            if not self.finished:
-                self._failed("connect-failure", 503, str(e) or "connect timed out")
-            return
-        self.connecting = None
-        if self.finished:
-            conn.close()
-            return
+    async def _open(self, key: PoolKey, tls: Any, timeout: float | None) -> Upstream:
+        return await self.engine.pool.connect(key, tls, timeout)
+
+    def _unused(self, conn: Upstream) -> None:
+        conn.close()
+
+    def _attach_opened(self, conn: Upstream, tls: Any) -> None:
         self.attach(conn)
 
     def attach(self, conn: Upstream) -> None:

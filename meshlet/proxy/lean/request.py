@@ -17,7 +17,7 @@ from meshlet.mtls.inbound import inbound_mtls
 from meshlet.policy.model import Backend, Route
 from meshlet.proxy.inbound import APP_BACKEND, INBOUND_ROUTE, REFUSED_BACKEND
 from meshlet.proxy.lean.http1 import Header
-from meshlet.proxy.lean.upstream import PoolKey
+from meshlet.proxy.lean.upstream import ConnectFailed, PoolKey
 from meshlet.proxy.lean.views import CookieView, HeaderView
 from meshlet.proxy.tap import TapRecord
 from meshlet.routing import Decision, RequestView, Unmatched, decide
@@ -70,9 +70,9 @@ class Request:
     `fields` its header fields with lower-case names for HTTP/2 and as sent for HTTP/1.1."""
 
     __slots__ = (
-        "attempt", "authority", "backend", "backends", "backlog", "decision", "destination", "direction", "downstream",
-        "fields", "finished", "grpc_status", "history", "method", "path", "peer_identity", "request_id", "route",
-        "route_name", "service", "started", "status", "timer",
+        "attempt", "authority", "backend", "backends", "backlog", "connecting", "decision", "destination",
+        "direction", "downstream", "fields", "finished", "grpc_status", "history", "method", "path", "peer_identity",
+        "request_id", "route", "route_name", "service", "started", "status", "timer",
     )
 
     def __init__(self, downstream: Any, method: bytes, fields: list[Header]) -> None:
@@ -93,6 +93,7 @@ class Request:
         self.finished = False
         self.history: list[bytes] | None = []  # the request body, kept for a retry up to MAX_REPLAY
         self.backlog: list[bytes] = []  # request body not yet sent to this attempt's backend
+        self.connecting: asyncio.Task | None = None  # opening this attempt's connection
         self.timer: asyncio.TimerHandle | None = None
         self.status = 0
         self.grpc_status = -1  # a gRPC call's status, once known
@@ -106,6 +107,35 @@ class Request:
 
     def dispatch(self) -> None:
         """Send this attempt to its backend (the framing's)."""
+        raise NotImplementedError
+
+    async def _connect(self, key: PoolKey, tls: Any) -> None:
+        """Open this attempt's connection (the route's timeout bounds it), then attach to it;
+        a failure is a `connect-failure` (retried where the route allows, else 503)."""
+        route = self.route
+        try:
+            conn = await self._open(key, tls, route.timeout if route else None)
+        except (ConnectFailed, TimeoutError) as e:
+            self.connecting = None
+            if not self.finished:
+                self._failed("connect-failure", 503, str(e) or "connect timed out")
+            return
+        self.connecting = None
+        if self.finished:
+            self._unused(conn)
+            return
+        self._attach_opened(conn, tls)
+
+    async def _open(self, key: PoolKey, tls: Any, timeout: float | None) -> Any:
+        raise NotImplementedError
+
+    def _unused(self, conn: Any) -> None:
+        """A connection opened for an exchange that ended meanwhile."""
+
+    def _attach_opened(self, conn: Any, tls: Any) -> None:
+        raise NotImplementedError
+
+    def _failed(self, condition: str, status: int, detail: str) -> None:
         raise NotImplementedError
 
     def _retry(self) -> None:

@@ -13,7 +13,6 @@ reached) rather than an HTTP error a gRPC client would report as a protocol fail
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from h2.errors import ErrorCodes
@@ -22,7 +21,7 @@ from meshlet.mtls.inbound import PEER_IDENTITY_HEADER
 from meshlet.proxy.inbound import CALLER_ADDRESS_HEADERS
 from meshlet.proxy.lean.http1 import HOP_BY_HOP, LAST_CHUNK, Header, chunk, field_value
 from meshlet.proxy.lean.request import Request, new_request_id
-from meshlet.proxy.lean.upstream import ConnectFailed, PoolKey, Upstream
+from meshlet.proxy.lean.upstream import PoolKey, Upstream
 from meshlet.routing.attempts import grpc_conditions, status_conditions
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ def grpc_message(text: str) -> bytes:
 
 class H2Exchange(Request):
     __slots__ = (
-        "chunked", "connecting", "grpc", "h1", "headers_sent", "owed_client", "owed_upstream",
+        "chunked", "grpc", "h1", "headers_sent", "owed_client", "owed_upstream",
         "request_done", "request_trailers_", "stream_id", "up_fields", "up_stream", "upstream",
     )
 
@@ -60,7 +59,6 @@ class H2Exchange(Request):
         self.upstream: H2Upstream | None = None
         self.up_stream = 0
         self.owed_client = self.owed_upstream = 0  # flow-controlled bytes relayed but not yet acknowledged
-        self.connecting: asyncio.Task | None = None
         self.h1 = False  # the backend of this attempt speaks HTTP/1.1 (`upstream` is an Upstream)
         self.chunked = False
 
@@ -151,22 +149,15 @@ class H2Exchange(Request):
             return protocol == "http2"
         return self.grpc or (backend is not None and backend.tls == "mesh")
 
-    async def _connect(self, key: PoolKey, tls: Any) -> None:
-        route = self.route
+    async def _open(self, key: PoolKey, tls: Any, timeout: float | None) -> Upstream | H2Upstream:
         pool = self.engine.pool
-        timeout = route.timeout if route else None
-        try:
-            conn = await (pool.connect(key, tls, timeout) if self.h1 else pool.connect_h2(key, tls, timeout))
-        except (ConnectFailed, TimeoutError) as e:
-            self.connecting = None
-            if not self.finished:
-                self._failed("connect-failure", 503, str(e) or "connect timed out")
-            return
-        self.connecting = None
-        if self.finished:
-            if self.h1:
-                conn.close()
-            return
+        return await (pool.connect(key, tls, timeout) if self.h1 else pool.connect_h2(key, tls, timeout))
+
+    def _unused(self, conn: Upstream | H2Upstream) -> None:
+        if self.h1:  # an HTTP/2 connection went to the pool, other streams may use it
+            conn.close()
+
+    def _attach_opened(self, conn: Upstream | H2Upstream, tls: Any) -> None:
         if self.h1:
             self.attach_h1(conn)  # type: ignore[arg-type]
         else:
