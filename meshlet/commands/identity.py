@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
 from pathlib import Path
 
 from meshlet.commands import CommandError
@@ -53,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from meshlet.identity.server import ServingTls, make_server, serving_names
     from meshlet.identity.service import CaFollower, IdentityService
     from meshlet.k8s.kube import KubeError
+    from meshlet.k8s.server import serve_until_signalled
     from meshlet.k8s.tokenreview import token_reviewer
     from meshlet.mtls.files import IdentityError
     from meshlet.mtls.wire import AUDIENCE
@@ -84,16 +82,6 @@ def run(args: argparse.Namespace) -> int:
             start_http_server(metrics_at.port, metrics_at.host, registry)
     except OSError as e:
         raise CommandError(f"cannot listen: {e.strerror or e}") from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, name="identity", daemon=True).start()
-    host, port = server.server_address[:2]
-    print(f"identity: serving https://{host}:{port} for spiffe://{args.trust_domain} "
-          f"(ttl {args.ttl}, names {', '.join(names)})", file=sys.stderr, flush=True)
-    try:
-        stop.wait()
-    finally:
-        server.shutdown()
-        server.server_close()
+    serve_until_signalled(server, "identity", f" for spiffe://{args.trust_domain} "
+                                              f"(ttl {args.ttl}, names {', '.join(names)})")
     return 0

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import ssl
 import sys
-import threading
 
 from meshlet.commands import CommandError
 from meshlet.k8s import flags
@@ -32,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshlet.k8s.server import ReloadingContext, make_server
+    from meshlet.k8s.server import ReloadingContext, make_server, serve_until_signalled
 
     cfg = flags.config_from_args(args)
     try:
@@ -44,17 +42,6 @@ def run(args: argparse.Namespace) -> int:
         server = make_server((args.host, args.port), context, cfg, fail_open=args.fail_open)
     except OSError as e:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, name="webhook", daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    print(f"webhook: serving https://{host}:{port}/mutate (image {cfg.image}, "
-          f"fail-{'open' if args.fail_open else 'closed'})", file=sys.stderr, flush=True)
-    try:
-        stop.wait()
-    finally:
-        server.shutdown()
-        server.server_close()
+    serve_until_signalled(server, "webhook", f"/mutate (image {cfg.image}, "
+                                             f"fail-{'open' if args.fail_open else 'closed'})")
     return 0

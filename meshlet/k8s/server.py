@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -152,3 +154,19 @@ def make_server(
             self.send_body(200, json.dumps(answer).encode(), "application/json")
 
     return TlsServer(address, Webhook, context, log, "webhook")
+
+
+def serve_until_signalled(server: ThreadingHTTPServer, name: str, banner: str) -> None:
+    """Serve in a thread until SIGTERM or SIGINT, saying `name: serving https://HOST:PORT<banner>`
+    on stderr once listening (what tests and operators wait for), then shut down cleanly."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    host, port = server.server_address[:2]
+    print(f"{name}: serving https://{host}:{port}{banner}", file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
