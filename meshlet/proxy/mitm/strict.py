@@ -15,6 +15,7 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from meshlet.proxy.lean.http1 import MAX_HEAD_BYTES, MAX_HEADERS, MAX_TARGET_BYTES
+from meshlet.proxy.mitm.exchange import KEY
 from meshlet.telemetry.proxy import ProxyMetrics
 
 _BAD_IN_VALUE = (b"\r", b"\n", b"\x00")  # RFC 9110 §5.5; an obs-fold arrives here as CR LF SP
@@ -56,4 +57,5 @@ class Strict:
         flow.response = http.Response.make(status, f"meshlet: {reason}\n".encode(), {
             "content-type": "text/plain; charset=utf-8", "x-meshlet": "local", "connection": "close"})
         direction = "inbound" if isinstance(flow.client_conn.proxy_mode, ReverseMode) else "outbound"
-        self.metrics.observe(direction, "invalid", "none", status, 0.0, "unknown")
+        self.metrics.invalid(direction, status)
+        flow.metadata[KEY] = None  # counted here, once: the routing addon leaves it alone
