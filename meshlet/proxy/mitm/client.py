@@ -17,7 +17,6 @@ from collections import defaultdict
 from typing import NamedTuple
 
 from cryptography import x509
-
 from mitmproxy import http
 from mitmproxy.net.http import http1
 

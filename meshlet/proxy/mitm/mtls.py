@@ -38,9 +38,8 @@ from meshlet.mtls.contexts import TlsContexts
 from meshlet.mtls.inbound import NO_LABELS, PEER_IDENTITY_HEADER, Labels, inbound_mtls, mesh_backends
 from meshlet.mtls.source import POLL_SECONDS, IdentityConfig, IdentitySource, identity_source
 from meshlet.mtls.upstream import UpstreamTls, client_context
-from meshlet.mtls.verify import Result, Verdict, verify_peer
+from meshlet.mtls.verify import Result, Verdict, identity_of, verify_peer
 from meshlet.policy.model import Backend, TrafficPolicy
-from meshlet.mtls.verify import identity_of
 from meshlet.proxy.mitm.exchange import REFUSED
 from meshlet.proxy.mitm.inbound import Refuse, is_inbound
 from meshlet.telemetry.mtls import MtlsMetrics, default_metrics

@@ -203,7 +203,8 @@ class Routing:
             if self.stream:
                 request.stream = exchange.request_chunk
             return
-        exchange.flags = with_flag(RETRIES_EXHAUSTED, UPSTREAM_CONNECT_FAILURE) if tries > 1 else UPSTREAM_CONNECT_FAILURE
+        exchange.flags = with_flag(RETRIES_EXHAUSTED, UPSTREAM_CONNECT_FAILURE) if tries > 1 else \
+            UPSTREAM_CONNECT_FAILURE
         flow.response = responses.unavailable(exchange.backend, why)
 
     async def request(self, flow: http.HTTPFlow) -> None:
