@@ -189,8 +189,10 @@ class Routing:
         refused probe is an attempt that failed to connect."""
         request = flow.request
         tries = attempts_for(decision.route, request.method, "connect-failure")
+        backends = candidates(decision)
         why = ""
-        for backend in candidates(decision)[:tries] if tries > 1 else (decision.backend,):
+        for attempt in range(tries):
+            backend = backends[attempt % len(backends)]
             address = self._aim(exchange, backend)
             began = time.perf_counter()
             if self.open_upstreams[address] <= 0 and (why := await probe(backend, PROBE_TIMEOUT) or ""):
