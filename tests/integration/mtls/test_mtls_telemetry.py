@@ -1,0 +1,137 @@
+"""Telemetry across a mesh hop: each sidecar learns the other side from peer metadata it can
+verify, and refusals count as 403s.
+
+client ──http──► sidecar A (frontend) ══mTLS══► sidecar B (reviews, STRICT, allows A) ──http──► raw app
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+
+import pytest
+from mesh_support import FRONTEND, RATINGS, REFUSED, REVIEWS, admin, make_mesh, run_sidecar, tls_context, traffic_policy
+from prometheus_client.parser import text_string_to_metric_families
+from raw_backend import RawBackend
+from sidecar_support import Backends
+
+pytestmark = pytest.mark.timeout(90)
+
+HEADER = "x-meshlet-peer-metadata"
+SERVICE = "reviews.default.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    mesh = make_mesh(tmp_path_factory.mktemp("mesh"))
+    mesh.identity("a", FRONTEND)
+    mesh.identity("b", REVIEWS)
+    mesh.identity("ratings", RATINGS)
+    mesh.identity("stranger", FRONTEND, ca=mesh.other_ca)
+    (mesh.root / "b-labels").write_text('app.kubernetes.io/name="reviews"\napp.kubernetes.io/version="v1"\n')
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def app():
+    loop = Backends()
+    backend = RawBackend()
+    backend.start(loop, "app")
+    yield backend
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def pair(mesh, app, engine):
+    b_policy = traffic_policy("self", "self", "127.0.0.1:9", mode="STRICT", allow=(FRONTEND,))
+    istio = ("--metrics-compat", "istio", "--workload-namespace", "default")
+    with run_sidecar(b_policy, "--identity", str(mesh.root / "b"), *istio, "--workload", "reviews-v1",
+                     "--workload-labels", str(mesh.root / "b-labels"), app_port=app.port) as b:
+        a_policy = traffic_policy("reviews", SERVICE, f"127.0.0.1:{b.inbound[1]}", tls="mesh", identity=REVIEWS)
+        with run_sidecar(a_policy, "--identity", str(mesh.root / "a"), *istio, "--workload", "frontend") as a:
+            yield a, b
+            assert "Traceback" not in a.stderr() + b.stderr()
+
+
+def series(sidecar, name: str, **labels: str) -> list:
+    _, text = admin(sidecar, "GET", "/metrics")
+    return [s for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name and labels.items() <= s.labels.items()]
+
+
+def counted(sidecar, name: str, **labels: str) -> float:
+    return sum(s.value for s in series(sidecar, name, **labels))
+
+
+def eventually(check, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert check()
+
+
+def workload(sample, side: str) -> tuple[str, ...]:
+    return tuple(sample.labels[f"{side}_{name}"]
+                 for name in ("workload", "workload_namespace", "principal", "app", "version"))
+
+
+def test_both_sidecars_learn_the_other_side_and_the_header_stays_between_them(pair, app):
+    a, b = pair
+    app.reset()
+    conn = http.client.HTTPConnection(*a.outbound, timeout=10)
+    conn.request("GET", "/", headers={"Host": SERVICE, HEADER: "workload=evil;namespace=default"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.status == 200 and response.getheader(HEADER) is None  # the client never sees it
+    assert HEADER not in {name.lower() for name, _ in app.wait_for(1)[0].headers}  # nor the app
+
+    source = series(a, "istio_requests_total", reporter="source", response_code="200")
+    assert len(source) == 1 and source[0].value == 1
+    assert workload(source[0], "source") == ("frontend", "default", FRONTEND, "frontend", "unknown")
+    assert workload(source[0], "destination") == ("reviews-v1", "default", REVIEWS, "reviews", "v1")
+    assert (source[0].labels["destination_service_name"], source[0].labels["destination_service_namespace"],
+            source[0].labels["connection_security_policy"]) == ("reviews", "default", "unknown")
+
+    destination = series(b, "istio_requests_total", reporter="destination", response_code="200")
+    assert len(destination) == 1 and destination[0].value == 1
+    assert workload(destination[0], "source") == ("frontend", "default", FRONTEND, "frontend", "unknown")
+    assert workload(destination[0], "destination") == ("reviews-v1", "default", REVIEWS, "reviews", "v1")
+    assert (destination[0].labels["destination_service"], destination[0].labels["connection_security_policy"]) == (
+        SERVICE, "mutual_tls")
+
+
+def test_a_peer_outside_allow_is_a_403_counted_with_its_verified_identity(pair, mesh):
+    _, b = pair
+    conn = http.client.HTTPSConnection(*b.inbound, context=tls_context(mesh.root / "ratings", mesh.root / "b"),
+                                       timeout=10)
+    conn.request("GET", "/", headers={"Host": "app", HEADER: "workload=ratings;namespace=default"})
+    assert conn.getresponse().status == 403
+    conn.close()
+    refused = series(b, "istio_requests_total", reporter="destination", response_code="403", response_flags="UAEX",
+                     source_principal=RATINGS)
+    assert len(refused) == 1 and refused[0].labels["source_workload"] == "ratings"
+    assert counted(b, "meshlet_requests_total", direction="inbound", code="403", response_flags="UAEX") >= 1
+
+
+def test_refused_handshakes_and_plaintext_count_as_403(pair, mesh):
+    _, b = pair
+    before = counted(b, "meshlet_requests_total", direction="inbound", code="403", response_flags="UAEX")
+    with pytest.raises(REFUSED):  # a certificate from another CA
+        conn = http.client.HTTPSConnection(*b.inbound, context=tls_context(mesh.root / "stranger", mesh.root / "b"),
+                                           timeout=10)
+        conn.request("GET", "/", headers={"Host": "app"})
+        conn.getresponse().read()
+    with pytest.raises(REFUSED):  # no certificate at all
+        conn = http.client.HTTPSConnection(*b.inbound, context=tls_context(None, mesh.root / "b"), timeout=10)
+        conn.request("GET", "/", headers={"Host": "app"})
+        conn.getresponse().read()
+    with socket.create_connection(b.inbound, timeout=10) as sock:  # plaintext on a STRICT port
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        assert not sock.recv(4096).startswith(b"HTTP/1.1 200")
+    eventually(lambda: counted(b, "meshlet_requests_total", direction="inbound", code="403",
+                               response_flags="UAEX") == before + 3)
+    assert counted(b, "istio_requests_total", reporter="destination", response_code="403", response_flags="UAEX",
+                   source_principal="unknown", connection_security_policy="none") >= 3
+
