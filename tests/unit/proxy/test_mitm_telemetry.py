@@ -186,3 +186,23 @@ def test_a_malformed_request_is_counted_once_as_invalid(make):
     addon.response(f)
     assert requests_total(addon) == 1 and requests_total(addon, route="invalid", response_flags="DPE") == 1
     assert addon.in_flight == 0
+
+
+def test_a_websocket_is_counted_as_a_relayed_connection_at_its_end():
+    addon, f = routing(), flow()
+    asyncio.run(addon.requestheaders(f))
+    f.response, f.websocket = tflow.tresp(status_code=101), tflow.twebsocket()
+    addon.response(f)
+    addon.websocket_end(f)
+    from_client = sum(len(m.content) for m in f.websocket.messages if m.from_client)
+    from_server = sum(len(m.content) for m in f.websocket.messages if not m.from_client)
+    labels = {"reporter": "source", "destination_workload": "reviews-plain", "request_protocol": "tcp"}
+
+    def total(name: str) -> float:
+        return sum(s.value for m in addon.metrics.registry.collect() for s in m.samples
+                   if s.name == name and labels.items() <= s.labels.items())
+
+    assert total("istio_tcp_connections_closed_total") == 1
+    assert (total("istio_tcp_received_bytes_total"), total("istio_tcp_sent_bytes_total")) == (from_client, from_server)
+    assert from_client and from_server
+    assert requests_total(addon, code="101") == 1  # the upgrade itself is a request
