@@ -205,8 +205,8 @@ class Routing:
             if self.stream:
                 request.stream = exchange.request_chunk
             return
-        exchange.flags = with_flag(RETRIES_EXHAUSTED, UPSTREAM_CONNECT_FAILURE) if tries > 1 else \
-            UPSTREAM_CONNECT_FAILURE
+        flag = UPSTREAM_CONNECT_FAILURE
+        exchange.flags = with_flag(flag, RETRIES_EXHAUSTED) if tries > 1 else flag  # as Envoy orders them
         flow.response = responses.unavailable(exchange.backend, why)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -246,7 +246,7 @@ class Routing:
                 allowed = attempts_for(route, request.method, e.condition)
                 if attempt < allowed:
                     continue
-                exchange.flags = with_flag(RETRIES_EXHAUSTED, flag) if allowed > 1 else flag
+                exchange.flags = with_flag(flag, RETRIES_EXHAUSTED) if allowed > 1 else flag
                 return (responses.unavailable if connect else responses.bad_gateway)(backend.name, str(e))
             self._attempt(exchange, response.status_code, NO_FLAGS, began)
             conditions = status_conditions(response.status_code)

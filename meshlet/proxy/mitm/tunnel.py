@@ -74,11 +74,10 @@ class Relay(layers.TCPLayer):
 def relay(nextlayer: layer.NextLayer, destination: tuple[str, int], metrics: ProxyMetrics | None) -> None:
     """From here on the connection is a byte relay to `destination`: nothing reads it."""
     nextlayer.context.server.address = destination
-    host = destination[0] or UNKNOWN
 
-    def closed(sent: int, received: int, flags: str) -> None:
+    def closed(sent: int, received: int, flags: str) -> None:  # no policy governs it: no service to name
         if metrics is not None:
-            metrics.tcp("outbound", host, None, False, sent, received, flags)
+            metrics.tcp("outbound", UNKNOWN, None, False, sent, received, flags)
 
     nextlayer.layer = Relay(nextlayer.context, closed)
 
