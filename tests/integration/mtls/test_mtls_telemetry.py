@@ -20,6 +20,7 @@ pytestmark = pytest.mark.timeout(90)
 
 HEADER = "x-meshlet-peer-metadata"
 SERVICE = "reviews.default.svc.cluster.local"
+TIMED = "timed.default"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,9 @@ def pair(mesh, app, engine):
     istio = ("--metrics-compat", "istio", "--workload-namespace", "default")
     with run_sidecar(b_policy, "--identity", str(mesh.root / "b"), *istio, "--workload", "reviews-v1",
                      "--workload-labels", str(mesh.root / "b-labels"), app_port=app.port) as b:
-        a_policy = traffic_policy("reviews", SERVICE, f"127.0.0.1:{b.inbound[1]}", tls="mesh", identity=REVIEWS)
+        target = f"127.0.0.1:{b.inbound[1]}"
+        a_policy = traffic_policy("reviews", SERVICE, target, tls="mesh", identity=REVIEWS) + "---\n" + traffic_policy(
+            "timed", TIMED, target, tls="mesh", identity=REVIEWS, route="timeout: 5s")  # a deadline: buffered
         with run_sidecar(a_policy, "--identity", str(mesh.root / "a"), *istio, "--workload", "frontend") as a:
             yield a, b
             assert "Traceback" not in a.stderr() + b.stderr()
@@ -100,6 +103,20 @@ def test_both_sidecars_learn_the_other_side_and_the_header_stays_between_them(pa
     assert workload(destination[0], "destination") == ("reviews-v1", "default", REVIEWS, "reviews", "v1")
     assert (destination[0].labels["destination_service"], destination[0].labels["connection_security_policy"]) == (
         SERVICE, "mutual_tls")
+
+
+def test_a_route_with_a_deadline_learns_the_destination_too(pair):
+    a, b = pair
+    conn = http.client.HTTPConnection(*a.outbound, timeout=10)
+    conn.request("GET", "/", headers={"Host": TIMED})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.status == 200 and response.getheader(HEADER) is None
+    source = series(a, "istio_requests_total", reporter="source", destination_service=TIMED)
+    assert len(source) == 1 and workload(source[0], "destination") == ("reviews-v1", "default", REVIEWS, "reviews", "v1")
+    destination = series(b, "istio_requests_total", reporter="destination", destination_service=TIMED)
+    assert len(destination) == 1 and destination[0].labels["source_workload"] == "frontend"
 
 
 def test_a_peer_outside_allow_is_a_403_counted_with_its_verified_identity(pair, mesh):
