@@ -84,7 +84,10 @@ class MitmEngine:
         addons = build_addons(config, self.routing, scripts)  # an unusable --identity raises its own error
         with script_errors(config.addons):
             self.master.addons.add(*addons)
-            settings = {"mode": config.mode_specs(), "keep_host_header": True, "connection_strategy": "lazy"}
+            # Without addon scripts nothing reads WebSocket messages: relayed as bytes after the 101,
+            # as the lean engine does (and counted as such, routing.tcp_*).
+            settings = {"mode": config.mode_specs(), "keep_host_header": True, "connection_strategy": "lazy",
+                        "websocket": bool(scripts)}
             if scripts:
                 settings["stream_large_bodies"] = LARGE_BODY
             try:

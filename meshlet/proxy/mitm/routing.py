@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tcp
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
@@ -125,6 +125,7 @@ class Routing:
         self.open_upstreams: Counter[tuple[str, int]] = Counter()
         self.in_flight = 0
         self._metadata: dict[str, bytes] = {}  # service → this workload's peer metadata naming it
+        self._upgraded: dict[str, Exchange] = {}  # client id → the request whose 101 made it a byte relay
 
     # --- requests ----------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -307,6 +308,8 @@ class Routing:
     def response(self, flow: http.HTTPFlow) -> None:
         exchange = flow.metadata.get(KEY)
         if exchange is not None and flow.response is not None:
+            if flow.response.status_code == 101 and flow.websocket is None:  # mitmproxy relays it as TCP next
+                self._upgraded[flow.client_conn.id] = exchange
             self._finish(flow, exchange, flow.response.status_code, exchange.flags)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -314,14 +317,46 @@ class Routing:
         if exchange is not None:
             self._finish(flow, exchange, *failure(flow))
 
+    # --- connections relayed by mitmproxy itself --------------------------------------------------
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        """A WebSocket is relayed like a TCP connection after its 101: counted as one, at its close."""
+        """With addon scripts, a WebSocket is read as messages (mitmproxy's WebSocket API): counted
+        as a relayed connection at its close, with the messages' payloads."""
         exchange, websocket = flow.metadata.get(KEY), flow.websocket
         if exchange is None or websocket is None:
             return
         received = sum(len(m.content) for m in websocket.messages if m.from_client)
         sent = sum(len(m.content) for m in websocket.messages if not m.from_client)
         self.metrics.tcp(exchange.direction, exchange.service, exchange.peer, exchange.mtls, sent, received)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """A connection mitmproxy relays as bytes: after a 101 (a WebSocket without addon
+        scripts, another upgrade), or what its own NextLayer could not read."""
+        flow.metadata[KEY] = [self._upgraded.pop(flow.client_conn.id, None), 0, 0]
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """Counted and let go: a TCP flow would otherwise keep every chunk it relayed."""
+        counts = flow.metadata.get(KEY)
+        if counts is not None and flow.messages:
+            message = flow.messages.pop()
+            counts[1 + message.from_client] += len(message.content)
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        counts = flow.metadata.pop(KEY, None)
+        if counts is None:
+            return
+        exchange, sent, received = counts
+        connected = flow.server_conn.timestamp_tcp_setup is not None
+        flags = NO_FLAGS if connected else UPSTREAM_CONNECT_FAILURE
+        if exchange is None:
+            direction = "inbound" if isinstance(flow.client_conn.proxy_mode, ReverseMode) else "outbound"
+            self.metrics.tcp(direction, UNKNOWN, None, False, sent, received, flags)
+        else:
+            self.metrics.tcp(exchange.direction, exchange.service, exchange.peer, exchange.mtls, sent, received, flags)
+
+    tcp_error = tcp_end
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._upgraded.pop(client.id, None)  # a 101 whose relay never started
 
     def _finish(self, flow: http.HTTPFlow, exchange: Exchange, code: int, flags: str) -> None:
         if exchange.done:

@@ -3,7 +3,8 @@
 Two ways such traffic reaches the outbound listener:
 - An app reaching an HTTPS service with the sidecar as its HTTP proxy (`HTTPS_PROXY`) opens a
   CONNECT tunnel and starts TLS inside it. mitmproxy would answer that ClientHello with a
-  certificate from its own CA, which no app trusts, and the call would fail.
+  certificate from its own CA, which no app trusts, and the call would fail. Any other protocol
+  in a tunnel (not HTTP, which is routed by policy) is relayed the same way.
 - In a Pod, the init container's iptables rules redirect all outbound TCP here: TLS to an
   external API, a database protocol. They arrive with no CONNECT and no Host header; where they
   were going is the socket's SO_ORIGINAL_DST (what mitmproxy's transparent mode reads).
@@ -99,7 +100,7 @@ class PassThrough:
             return
         data = nextlayer.data_client()
         if context.server.address is not None:  # inside a CONNECT tunnel: the target is known
-            if starts_like_tls_record(data):
+            if not looks_like_http(data):  # TLS, or another protocol: HTTP inside is routed by policy
                 relay(nextlayer, context.server.address, self.metrics)
             return
         if looks_like_http(data):

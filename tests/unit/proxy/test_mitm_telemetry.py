@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 from mitmproxy import flow as mflow
-from mitmproxy import http
+from mitmproxy import http, tcp
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
@@ -188,7 +188,29 @@ def test_a_malformed_request_is_counted_once_as_invalid(make):
     assert addon.in_flight == 0
 
 
-def test_a_websocket_is_counted_as_a_relayed_connection_at_its_end():
+def test_an_upgraded_connection_mitmproxy_relays_is_counted_with_its_requests_labels():
+    addon, f = routing(), flow()
+    asyncio.run(addon.requestheaders(f))
+    f.response = tflow.tresp(status_code=101)
+    addon.response(f)  # no WebSocket reading (no addon scripts): mitmproxy relays the bytes next
+    relayed = tflow.ttcpflow(client_conn=f.client_conn, messages=[])
+    addon.tcp_start(relayed)
+    for from_client, chunk in ((True, b"abc"), (False, b"defgh"), (True, b"ij")):
+        relayed.messages.append(tcp.TCPMessage(from_client, chunk))
+        addon.tcp_message(relayed)
+    assert relayed.messages == []  # nothing kept per chunk
+    addon.tcp_end(relayed)
+    labels = {"reporter": "source", "destination_workload": "reviews-plain", "request_protocol": "tcp"}
+
+    def total(name: str) -> float:
+        return sum(s.value for m in addon.metrics.registry.collect() for s in m.samples
+                   if s.name == name and labels.items() <= s.labels.items())
+
+    assert (total("istio_tcp_received_bytes_total"), total("istio_tcp_sent_bytes_total")) == (5, 5)
+    assert total("istio_tcp_connections_closed_total") == 1
+
+
+def test_with_addon_scripts_a_websocket_read_as_messages_is_counted_at_its_end():
     addon, f = routing(), flow()
     asyncio.run(addon.requestheaders(f))
     f.response, f.websocket = tflow.tresp(status_code=101), tflow.twebsocket()
