@@ -19,6 +19,7 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 
 from meshlet.policy.model import Backend
+from meshlet.proxy import peermeta
 from meshlet.proxy.tap import TapRecord
 from meshlet.routing import Decision
 from meshlet.telemetry.outcome import (
@@ -53,12 +54,12 @@ class Exchange:
     buffered: bool = False
     done: bool = False
     flags: str = NO_FLAGS  # why the sidecar answered itself (Envoy response flags)
-    target: Backend | None = None  # the backend of the attempt on mitmproxy's path
+    last: Backend | None = None  # the backend of the last attempt
     attempting: bool = False
     attempt_started: float = 0.0
     upstream_code: int = 0  # the status that attempt's backend answered (0: none yet)
     upstream: str = ""  # host:port of the last attempt
-    peer: Workload | None = None  # the other side of the hop
+    peer: Workload | None = None  # the other side of the hop, as its own metadata says (None: not said)
     mtls: bool = False  # inbound: the caller was verified by mesh mTLS
     received: int = 0
     sent: int = 0
@@ -73,12 +74,17 @@ class Exchange:
         self.sent += len(data)
         return data
 
-    def begin(self, address: tuple[str, int], target: Backend | None = None) -> None:
+    def begin(self, address: tuple[str, int]) -> None:
         """An attempt goes out on mitmproxy's path, to `address`."""
-        self.target = target
         self.attempting = True
         self.attempt_started = time.perf_counter()
         self.upstream = f"{address[0]}:{address[1]}"
+
+    def other_side(self) -> Workload | None:
+        """The peer: as its own metadata says, else as the last attempt's backend declares itself."""
+        if self.peer is None and self.last is not None:
+            self.peer = peermeta.declared(self.last)
+        return self.peer
 
 
 def head_sent(response: http.Response | None) -> bool:
@@ -110,8 +116,8 @@ def failure(flow: http.HTTPFlow) -> tuple[int, str]:
 
 def grpc_status(flow: http.HTTPFlow) -> int:
     """The call's grpc-status (trailers, or a trailers-only response's headers); -1 when not gRPC."""
-    response = flow.response
-    if response is None or not flow.request.headers.get("content-type", "").startswith("application/grpc"):
+    response, request = flow.response, flow.request
+    if response is None or not request.is_http2 or not field(request, b"content-type").startswith("application/grpc"):
         return -1
     for fields in (response.trailers, response.headers):
         value = fields.get("grpc-status") if fields is not None else None
@@ -120,21 +126,32 @@ def grpc_status(flow: http.HTTPFlow) -> int:
     return -1
 
 
+def field(message: http.Message, name: bytes) -> str:
+    """The first value of field `name` (lower case), read from the raw fields ("" when absent)."""
+    for key, value in message.data.headers.fields:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
 def body_size(message: http.Message | None) -> int:
     """Bytes of a body held whole (a streamed one is counted chunk by chunk instead, and has none)."""
     return len(message.raw_content or b"") if message is not None else 0
 
 
 def outcome(
-    flow: http.HTTPFlow, exchange: Exchange, code: int, flags: str, seconds: float, peer_identity: str
+    flow: http.HTTPFlow, exchange: Exchange, code: int, flags: str, seconds: float, peer_identity: str,
+    with_peer: bool = True,
 ) -> Outcome:
+    """`with_peer` False leaves a peer nobody said anything of unnamed (only Istio's labels read it)."""
     request = flow.request
     return Outcome(
         exchange.direction, exchange.route, exchange.backend, exchange.service, code, flags, seconds,
         exchange.start, request.method, request.host_header or request.pretty_host, request.path,
         "HTTP/2" if request.is_http2 else "HTTP/1.1", grpc_status(flow),
         exchange.received + body_size(request), exchange.sent + (body_size(flow.response) if code else 0),
-        exchange.upstream, request.headers.get("x-request-id", ""), peer_identity, exchange.peer, exchange.mtls,
+        exchange.upstream, field(request, b"x-request-id"), peer_identity,
+        exchange.other_side() if with_peer else exchange.peer, exchange.mtls,
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from meshlet.policy.model import Backend
 from meshlet.proxy import peermeta
 from meshlet.proxy.peermeta import HEADER
 from meshlet.telemetry.outcome import Workload
@@ -31,10 +30,8 @@ def put(message: http.Message, value: bytes) -> None:
     message.data.headers.fields += ((HEADER, value),)
 
 
-def destination(backend: Backend, said: bytes | None, identity: str) -> Workload:
-    """Who answered an attempt to `backend`: its own metadata when the backend's certificate
-    (`identity`, "" without mesh mTLS) vouches for it, else what the policy declares."""
+def vouched(said: bytes | None, identity: str) -> Workload | None:
+    """Who answered, as its metadata says, when its certificate (`identity`, "" without mesh mTLS)
+    vouches for it; None otherwise (then the policy's declaration of the backend stands)."""
     decoded = peermeta.decode(said) if said and identity else None
-    if decoded is None:
-        return peermeta.declared(backend)
-    return peermeta.trusted(decoded, identity)[0]
+    return None if decoded is None else peermeta.trusted(decoded, identity)[0]

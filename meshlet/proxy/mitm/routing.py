@@ -202,7 +202,7 @@ class Routing:
             request.data.host, request.data.port = address
             request.scheme = "https" if backend.tls == "mesh" else "http"
             self._offer_metadata(request, backend, decision.policy.host)
-            exchange.begin(address, backend)
+            exchange.begin(address)
             if self.stream:
                 request.stream = exchange.request_chunk
             return
@@ -256,14 +256,13 @@ class Routing:
                 continue
             if allowed > 1:
                 exchange.flags = RETRIES_EXHAUSTED
-            exchange.peer = metadata.destination(backend, metadata.take(response), identity)
+            exchange.peer = metadata.vouched(metadata.take(response), identity)
             return response
 
     def _aim(self, exchange: Exchange, backend: Backend) -> tuple[str, int]:
         """The next attempt goes to `backend`: until its own metadata says otherwise, the
         destination is what the policy declares."""
-        exchange.backend = backend.name
-        exchange.peer = peermeta.declared(backend)
+        exchange.backend, exchange.last, exchange.peer = backend.name, backend, None
         address = backend.address.host, backend.address.port
         exchange.upstream = f"{address[0]}:{address[1]}"
         return address
@@ -295,9 +294,9 @@ class Routing:
             exchange.upstream_code = response.status_code
         if exchange.direction == "outbound":
             said = metadata.take(response)  # never reaches the app
-            if exchange.attempting and exchange.target is not None:
-                identity = self.server_identity(flow.server_conn) if exchange.target.tls == "mesh" else ""
-                exchange.peer = metadata.destination(exchange.target, said, identity)
+            backend = exchange.last
+            if exchange.attempting and backend is not None and backend.tls == "mesh":
+                exchange.peer = metadata.vouched(said, self.server_identity(flow.server_conn))
         elif exchange.mtls:  # a verified caller's sidecar learns who answered
             metadata.put(response, self._own_metadata())
         else:
@@ -326,7 +325,7 @@ class Routing:
             return
         received = sum(len(m.content) for m in websocket.messages if m.from_client)
         sent = sum(len(m.content) for m in websocket.messages if not m.from_client)
-        self.metrics.tcp(exchange.direction, exchange.service, exchange.peer, exchange.mtls, sent, received)
+        self.metrics.tcp(exchange.direction, exchange.service, exchange.other_side(), exchange.mtls, sent, received)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         """A connection mitmproxy relays as bytes: after a 101 (a WebSocket without addon
@@ -351,7 +350,8 @@ class Routing:
             direction = "inbound" if isinstance(flow.client_conn.proxy_mode, ReverseMode) else "outbound"
             self.metrics.tcp(direction, UNKNOWN, None, False, sent, received, flags)
         else:
-            self.metrics.tcp(exchange.direction, exchange.service, exchange.peer, exchange.mtls, sent, received, flags)
+            self.metrics.tcp(exchange.direction, exchange.service, exchange.other_side(), exchange.mtls, sent,
+                             received, flags)
 
     tcp_error = tcp_end
 
@@ -368,7 +368,8 @@ class Routing:
             self.metrics.attempt(exchange.direction, exchange.route, exchange.backend, exchange.upstream_code, flags,
                                  now - exchange.attempt_started)
         identity = self.peer_identity(flow.client_conn) if exchange.direction == "inbound" else ""
-        self.record(outcome(flow, exchange, code, flags, now - exchange.started, identity))
+        self.record(outcome(flow, exchange, code, flags, now - exchange.started, identity,
+                            self.metrics.istio is not None))
 
     def record(self, finished: Outcome) -> None:
         self.metrics.observe(finished)

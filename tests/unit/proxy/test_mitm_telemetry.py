@@ -116,6 +116,7 @@ class TestWhatTheClientGot:
 
     def test_grpc_status_comes_from_trailers_or_a_trailers_only_response(self):
         f = flow(content_type="application/grpc")
+        f.request.http_version = "HTTP/2.0"  # gRPC is HTTP/2 only
         f.response = tflow.tresp(headers=http.Headers(content_type="application/grpc"))
         assert grpc_status(f) == -1  # ended without a status
         f.response.trailers = http.Headers(grpc_status="14")
@@ -123,6 +124,8 @@ class TestWhatTheClientGot:
         f.response.trailers, f.response.headers["grpc-status"] = None, "5"
         assert grpc_status(f) == 5
         assert grpc_status(flow()) == -1  # not gRPC
+        f.request.http_version = "HTTP/1.1"
+        assert grpc_status(f) == -1
 
 
 class TestPeerMetadata:
@@ -151,7 +154,8 @@ class TestPeerMetadata:
         f.response.headers[HEADER_NAME] = "workload=liar;namespace=default"
         addon.responseheaders(f)
         assert field_values(f.response) == []
-        assert f.metadata[KEY].peer == Workload("reviews-plain", "unknown", "unknown", "reviews-plain", "v1")
+        assert f.metadata[KEY].peer is None  # nothing vouched: what the policy declares stands
+        assert f.metadata[KEY].other_side() == Workload("reviews-plain", "unknown", "unknown", "reviews-plain", "v1")
 
     def test_inbound_believes_a_verified_caller_and_answers_it_with_our_metadata(self):
         addon = routing(identity=FRONTEND)
