@@ -15,7 +15,7 @@ from mitmproxy.test import tflow
 from prometheus_client import CollectorRegistry
 from test_proxy_addon import flow
 
-from meshlet.proxy.mitm.exchange import KEY, failure, grpc_status
+from meshlet.proxy.mitm.exchange import CLIENT_RESET, KEY, failure, grpc_status
 from meshlet.proxy.mitm.routing import Routing
 from meshlet.proxy.mitm.strict import Strict
 from meshlet.proxy.peermeta import HEADER_NAME
@@ -80,6 +80,14 @@ class TestWhatTheClientGot:
         if not connected:
             f.server_conn.timestamp_tcp_setup = None
         return f
+
+    def test_mitmproxy_still_says_what_failure_reads(self):
+        """`failure` reads mitmproxy's message for a stream the client reset: fails loudly if it moves."""
+        import inspect
+
+        from mitmproxy.proxy.layers.http import _http2
+
+        assert f'f"{CLIENT_RESET} (' in inspect.getsource(_http2)
 
     def test_a_client_that_left_first_got_nothing(self):
         assert failure(self.failed("Client disconnected.", client_open=False)) == (0, "DC")
