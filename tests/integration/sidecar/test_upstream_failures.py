@@ -50,7 +50,7 @@ ROUTES = (
 
 
 @pytest.fixture(scope="module")
-def sidecar():
+def sidecar(engine):
     loop = Backends()
     try:
         ports = {name: loop.serve(name, asyncio.start_server(handler, "127.0.0.1", 0))
