@@ -333,9 +333,10 @@ class Routing:
         flow.metadata[KEY] = [self._upgraded.pop(flow.client_conn.id, None), 0, 0]
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
-        """Counted and let go: a TCP flow would otherwise keep every chunk it relayed."""
+        """Counted and let go: a TCP flow would otherwise keep every chunk it relayed (unless addon
+        scripts may read them: then they are counted at the end)."""
         counts = flow.metadata.get(KEY)
-        if counts is not None and flow.messages:
+        if counts is not None and flow.messages and self.stream:
             message = flow.messages.pop()
             counts[1 + message.from_client] += len(message.content)
 
@@ -343,6 +344,8 @@ class Routing:
         counts = flow.metadata.pop(KEY, None)
         if counts is None:
             return
+        for message in flow.messages:
+            counts[1 + message.from_client] += len(message.content)
         exchange, sent, received = counts
         connected = flow.server_conn.timestamp_tcp_setup is not None
         flags = NO_FLAGS if connected else UPSTREAM_CONNECT_FAILURE
