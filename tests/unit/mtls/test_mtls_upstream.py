@@ -22,7 +22,7 @@ from mtls_support import workload as issue
 from meshlet.mtls.files import read_identity, write_identity
 from meshlet.mtls.upstream import UpstreamTls, client_context
 from meshlet.mtls.verify import identity_of
-from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
+from meshlet.proxy.mitm.client import Reply, UpstreamError, UpstreamPool
 
 RATINGS = "spiffe://cluster.local/ns/default/sa/ratings"
 NOW = dt.datetime.now(dt.UTC)
@@ -85,8 +85,8 @@ def request() -> http.Request:
     return http.Request.make("GET", "http://reviews/", headers={"host": "reviews"})
 
 
-def get(port: int, tls: UpstreamTls) -> http.Response:
-    async def once() -> http.Response:
+def get(port: int, tls: UpstreamTls) -> Reply:
+    async def once() -> Reply:
         pool = UpstreamPool()
         try:
             return await pool.send(("127.0.0.1", port), request(), 10.0, tls)
@@ -100,8 +100,9 @@ def test_a_mesh_peer_with_the_expected_identity_is_served_and_sees_ours(tmp_path
     results: list[str] = []
     peers: list[str | None] = []
     with tls_backend(tmp_path, issue(REVIEWS, issued_at=NOW), peers) as port:
-        response = get(port, mesh_tls(tmp_path, REVIEWS, results))
+        response, identity = get(port, mesh_tls(tmp_path, REVIEWS, results))
     assert (response.status_code, response.content) == (200, b"ok")
+    assert identity == REVIEWS  # whose peer metadata the sidecar may believe
     assert results == ["ok"] and peers == [FRONTEND, "closed"]
 
 
@@ -131,8 +132,8 @@ def test_connections_made_with_a_rotated_out_certificate_are_not_reused(tmp_path
 
     async def rotate(port: int) -> None:
         pool = UpstreamPool()
-        assert (await pool.send(("127.0.0.1", port), request(), 10.0, before)).status_code == 200
-        assert (await pool.send(("127.0.0.1", port), request(), 10.0, after)).status_code == 200
+        assert (await pool.send(("127.0.0.1", port), request(), 10.0, before)).response.status_code == 200
+        assert (await pool.send(("127.0.0.1", port), request(), 10.0, after)).response.status_code == 200
         await asyncio.sleep(0.2)  # the old connection's close reaches the server
         pool.close()
 
