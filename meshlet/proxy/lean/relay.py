@@ -26,25 +26,29 @@ class Tally:
     def __init__(self, done: Closed | None) -> None:
         self.done = done
         self.open = 2
-        self.from_client: Pipe | None = None
-        self.to_client: Pipe | None = None
+        self.from_client: Pipe = None  # type: ignore[assignment]
+        self.to_client: Pipe = None  # type: ignore[assignment]
+
+    def other(self, pipe: Pipe) -> Pipe:
+        return self.to_client if pipe is self.from_client else self.from_client
 
     def closed(self) -> None:
         self.open -= 1
-        if self.open == 0 and self.done is not None and self.from_client and self.to_client:
+        if self.open == 0 and self.done is not None:
             self.done(self.from_client.count, self.to_client.count)
 
 
 class Pipe(asyncio.Protocol):
     """The receiving side of one direction: what arrives on our transport is written to `peer`."""
 
-    __slots__ = ("count", "peer", "relays", "tally", "transport")
+    __slots__ = ("count", "ended", "peer", "relays", "tally", "transport")
 
     def __init__(self, peer: asyncio.Transport, relays: set[asyncio.Transport], tally: Tally) -> None:
         self.peer = peer
         self.relays = relays  # the engine's open relay transports, closed at the end of a drain
         self.tally = tally
         self.count = 0  # bytes relayed this way
+        self.ended = False  # our side sent its EOF
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,6 +60,10 @@ class Pipe(asyncio.Protocol):
         self.peer.write(data)
 
     def eof_received(self) -> bool:
+        self.ended = True
+        if self.tally.other(self).ended:  # both ways ended: nothing more can flow, both close
+            self.peer.close()
+            return False
         if self.peer.can_write_eof():
             self.peer.write_eof()
             return True  # keep our write side open: the other direction may still be talking
