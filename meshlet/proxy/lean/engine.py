@@ -8,7 +8,7 @@ is answered. A once-a-second sweep enforces the header-read and idle timeouts wi
 per request. SIGTERM drains: listeners close, idle keep-alive connections close, responses in
 flight carry `Connection: close`.
 
-What requests tell telemetry passes through here (`report`, `refused`, `relay_closed`): metrics,
+What refusals and relays tell telemetry passes through here (`refused`, `relay_closed`): metrics,
 and the access log when `--access-log` opened one.
 """
 
@@ -79,6 +79,7 @@ class LeanEngine:
         self.workload_labels = dict(config.workload_labels)
         self._sweeper: asyncio.Task | None = None
         self.access_log: AccessLog | None = None
+        self.labels_peers = metrics.istio is not None  # only Istio's labels name the other side of a hop
         self._metadata: dict[str, bytes] = {}  # service -> this workload's peer metadata naming it
         self._declared: dict[int, tuple[Backend, Workload]] = {}  # of the table in `_declared_table`
         self._declared_table: object = None
@@ -183,17 +184,14 @@ class LeanEngine:
         """A passthrough back into this sidecar would loop."""
         return destination[1] in self.own_ports and is_loopback(destination[0])
 
-    # --- what requests and relays tell telemetry --------------------------------------------------
-    def report(self, outcome: Outcome) -> None:
-        """One request as its client saw it: metrics, and a line of the access log if one is open."""
-        self.metrics.observe(outcome)
-        if self.access_log is not None:
-            self.access_log.write(outcome)
-
+    # --- what refusals and relays tell telemetry (requests: Request.finish) -----------------------
     def refused(self) -> None:
         """An inbound connection refused before any request could be read (the mTLS mode, a failed
         handshake, a certificate without a mesh identity): one 403 UAEX, as a refused request."""
-        self.report(Outcome("inbound", INBOUND_ROUTE, REFUSED_BACKEND, UNKNOWN, 403, UNAUTHORIZED, start=time.time()))
+        outcome = Outcome("inbound", INBOUND_ROUTE, REFUSED_BACKEND, UNKNOWN, 403, UNAUTHORIZED, start=time.time())
+        self.metrics.observe(outcome)
+        if self.access_log is not None:
+            self.access_log.write(outcome)
 
     def relay_closed(self, direction: str, service: str = UNKNOWN, peer: Workload | None = None,
                      mtls: bool = False) -> Callable[..., None]:

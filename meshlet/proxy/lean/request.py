@@ -121,7 +121,7 @@ class Request:
         self.flags = NO_FLAGS  # Envoy's response flags of the outcome, set where it goes wrong
         self.bytes_in = self.bytes_out = 0  # body bytes from the client, and to it
         self.attempt_started = 0.0  # perf_counter() when the attempt in flight began; 0: none
-        self.upstream_host: tuple[str, int] | None = None  # of the last attempt
+        self.upstream_host: PoolKey | None = None  # of the last attempt
         self.mesh = False  # the attempt in flight is mesh mTLS (peer metadata goes both ways)
         self.peer: Workload | None = None  # the other side of the hop, once known
 
@@ -184,7 +184,7 @@ class Request:
         """An attempt goes to `key` (a stale pooled connection tried again is the same attempt)."""
         if not self.attempt_started:
             self.attempt_started = time.perf_counter()
-        self.upstream_host = (key[0], key[1])
+        self.upstream_host = key
         self.mesh = key[2] is not None
 
     def attempt_done(self, code: int, flags: str = NO_FLAGS) -> None:
@@ -316,40 +316,56 @@ class Request:
             self.peer = trusted(decode(metadata), principal)[0]
 
     def other_side(self) -> Workload | None:
-        """The peer of this hop for telemetry: what its metadata or certificate said, else what the
-        last attempt's backend declares (None: nothing known)."""
+        """The peer of this hop: what its metadata or certificate said, else what the last
+        attempt's backend declares (None: nothing known)."""
         backends = self.backends
         if self.peer is None and backends:
             return self.downstream.engine.declared(backends[(self.attempt - 1) % len(backends)])
         return self.peer
 
     def finish(self, code: int, notify: bool = True) -> None:
-        """The client has its answer (`code`; 0: none reached it): the one record of the request."""
+        """The client has its answer (`code`; 0: none reached it): the one record of the request.
+        Its text (method, authority, path, ids, the upstream host) is decoded only for a reader of
+        it, the access log or a tap: metrics need none of it."""
         self.finished = True
         if self.timer is not None:
             self.timer.cancel()
-        if self.attempt_started:  # the attempt whose response the client got
-            self.attempt_done(self.status)
         downstream = self.downstream
         engine = downstream.engine
-        seconds = time.perf_counter() - self.started
-        start = time.time() - seconds
-        host = self.upstream_host
-        method, authority, path = self.method.decode("latin-1"), self.authority.decode("latin-1"), \
-            self.path.decode("latin-1")
-        request_id = self.request_id.decode("latin-1")
-        engine.report(Outcome(
-            self.direction, self.route_name, self.backend, self.service, code, self.flags, seconds, start, method,
-            authority, path, self.protocol, self.grpc_status, self.bytes_in, self.bytes_out,
-            f"{host[0]}:{host[1]}" if host is not None else "", request_id, self.peer_identity, self.other_side(),
-            downstream.identity is not None,
-        ))
-        if engine.tap.active:
-            engine.tap.publish(TapRecord(
-                start, self.direction, method, authority, path, self.route_name, self.backend, code, seconds,
-                self.peer_identity, request_id,
-            ))
+        metrics = engine.metrics
+        now = time.perf_counter()
+        started = self.attempt_started
+        if started:  # the attempt whose response the client got (attempt_done, inlined: every request)
+            self.attempt_started = 0.0
+            metrics.attempt(self.direction, self.route_name, self.backend, self.status, NO_FLAGS, now - started)
+        outcome = Outcome(
+            self.direction, self.route_name, self.backend, self.service, code, self.flags, now - self.started, 0.0,
+            "", "", "", self.protocol, self.grpc_status, self.bytes_in, self.bytes_out, "", "", self.peer_identity,
+            self.other_side() if engine.labels_peers else self.peer, downstream.identity is not None,
+        )
+        metrics.observe(outcome)
+        log = engine.access_log
+        if log is not None or engine.tap.active:
+            self._describe(outcome)
+            if log is not None:
+                log.write(outcome)
+            if engine.tap.active:
+                engine.tap.publish(TapRecord(
+                    outcome.start, outcome.direction, outcome.method, outcome.authority, outcome.path, outcome.route,
+                    outcome.backend, code, outcome.seconds, outcome.peer_identity, outcome.request_id,
+                ))
         if notify:
             downstream.exchange_done(self)
+
+    def _describe(self, outcome: Outcome) -> None:
+        """The request's text in its outcome, for the access log and tap."""
+        outcome.start = time.time() - outcome.seconds
+        outcome.method = self.method.decode("latin-1")
+        outcome.authority = self.authority.decode("latin-1")
+        outcome.path = self.path.decode("latin-1")
+        outcome.request_id = self.request_id.decode("latin-1")
+        host = self.upstream_host
+        if host is not None:
+            outcome.upstream_host = f"[{host[0]}]:{host[1]}" if ":" in host[0] else f"{host[0]}:{host[1]}"
 
 
