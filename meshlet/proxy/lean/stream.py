@@ -264,8 +264,8 @@ class H2Exchange(Request):
         self.headers_sent = True
         if grpc_status.isdigit():
             self.grpc_status = int(grpc_status)
-        if self.mesh:
-            self.peer_answered(field_value(headers, PEER_METADATA), conn.principal)
+        if self.mesh and (metadata := field_value(headers, PEER_METADATA)):
+            self.peer_answered(metadata, conn.principal)
         downstream = self.downstream
         downstream.send_headers(self.stream_id, self._answer_fields(headers), ended)
         downstream.write_out()
@@ -372,8 +372,8 @@ class H2Exchange(Request):
         self.status = status
         self.headers_sent = True
         fields = [(name.lower(), value) for name, value in headers]
-        if self.mesh:
-            self.peer_answered(field_value(fields, PEER_METADATA), conn.principal)
+        if self.mesh and (metadata := field_value(fields, PEER_METADATA)):
+            self.peer_answered(metadata, conn.principal)
         fields = [(b":status", b"%d" % status), *self._answer_fields(fields)]
         bodiless = self.method == b"HEAD" or status in (204, 304)
         self.downstream.send_headers(self.stream_id, fields, bodiless)
