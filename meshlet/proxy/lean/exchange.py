@@ -411,7 +411,7 @@ class Exchange(Request):
         if self.response_started:  # too late to answer: cut the client off, as the backend cut us
             self.close_after = True
             self.downstream.abort()
-            self._cut(UPSTREAM_CONNECTION_TERMINATION)
+            self._cut(UPSTREAM_CONNECTION_TERMINATION, self.response_started)
             return
         if conn.used and not self.stale_retried and self.history is not None and not self.retrying:
             self.stale_retried = True  # a pooled connection the backend had closed: once more, fresh
@@ -430,14 +430,6 @@ class Exchange(Request):
             detail = f"{detail}; last answer {self.status}"
         self._give_up(condition, status, detail)
 
-    def _cut(self, flag: str, notify: bool = True) -> None:
-        """The request ends without (the rest of) its response: the attempt in flight and the outcome
-        get `flag`, and the status of the response begun, else 0 (none reached the client)."""
-        status = self.status if self.response_started else 0
-        self.attempt_done(status, flag)
-        self.flags = flag
-        self.finish(status, notify)
-
     def timed_out(self) -> None:
         if self.finished:
             return
@@ -445,7 +437,7 @@ class Exchange(Request):
         if self.response_started:
             self.close_after = True
             self.downstream.abort()
-            self._cut(UPSTREAM_TIMEOUT)
+            self._cut(UPSTREAM_TIMEOUT, self.response_started)
             return
         self.attempt_done(0, UPSTREAM_TIMEOUT)
         self.flags = UPSTREAM_TIMEOUT
@@ -467,7 +459,7 @@ class Exchange(Request):
         if self.finished:
             return
         self._drop_upstream()
-        self._cut(DOWNSTREAM_DISCONNECT, notify=False)
+        self._cut(DOWNSTREAM_DISCONNECT, self.response_started, notify=False)
 
     def request_broken(self, status: int, message: str) -> None:
         """The request body broke its framing (a bad chunk size): the backend has at most part of a
@@ -480,7 +472,7 @@ class Exchange(Request):
         if self.response_started:
             self.close_after = True
             self.downstream.abort()
-            self._cut(DOWNSTREAM_PROTOCOL_ERROR)
+            self._cut(DOWNSTREAM_PROTOCOL_ERROR, self.response_started)
             return
         self.attempt_done(0, DOWNSTREAM_PROTOCOL_ERROR)
         self.flags = DOWNSTREAM_PROTOCOL_ERROR

@@ -208,6 +208,14 @@ class Request:
     def attempt_failed(self, condition: str) -> None:
         self.attempt_done(0, FAILURE_FLAGS.get(condition, NO_FLAGS))
 
+    def _cut(self, flag: str, began: bool, notify: bool = True) -> None:
+        """The request ends without (the rest of) its response: the attempt in flight and the outcome
+        get `flag`, and the status of the response if it `began`, else 0 (none reached the client)."""
+        status = self.status if began else 0
+        self.attempt_done(status, flag)
+        self.flags = flag
+        self.finish(status, notify)
+
     def _exhausted(self, conditions: tuple[str, ...]) -> bool:
         """The route retries on one of `conditions`, and its attempts ran out (Envoy's URX)."""
         route = self.route

@@ -421,7 +421,7 @@ class H2Exchange(Request):
         if self.headers_sent:  # too late to answer: end the client's stream as the backend ended ours
             self.downstream.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)
             self.downstream.write_out()
-            self._cut(UPSTREAM_CONNECTION_TERMINATION)
+            self._cut(UPSTREAM_CONNECTION_TERMINATION, self.headers_sent)
             return
         self._failed(condition, 502, detail)
 
@@ -431,14 +431,6 @@ class H2Exchange(Request):
             self._retry()
             return
         self._give_up(condition, status, detail)
-
-    def _cut(self, flag: str) -> None:
-        """The stream ends without (the rest of) its response: the attempt in flight and the outcome
-        get `flag`, and the status of the response begun, else 0 (none reached the client)."""
-        status = self.status if self.headers_sent else 0
-        self.attempt_done(status, flag)
-        self.flags = flag
-        self.finish(status)
 
     def _answer_fields(self, fields: list[Header]) -> list[Header]:
         """A response's fields for the client: hop-by-hop ones and the peer's metadata dropped; a
@@ -477,7 +469,7 @@ class H2Exchange(Request):
             self.connecting.cancel()
         self.downstream.acknowledge(self.stream_id, self.owed_client)
         self.downstream.forget(self.stream_id)
-        self._cut(DOWNSTREAM_DISCONNECT)
+        self._cut(DOWNSTREAM_DISCONNECT, self.headers_sent)
 
     def answer(self, status: int, message: str, close: bool = False) -> None:
         """What the sidecar says itself: gRPC calls get a trailers-only gRPC status."""

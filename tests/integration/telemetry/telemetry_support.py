@@ -7,13 +7,14 @@ Built on the sidecar and mTLS tests' helpers (real `meshlet run` processes, real
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 from mesh_support import FRONTEND, REVIEWS
 from prometheus_client.parser import text_string_to_metric_families
-from sidecar_support import Sidecar, admin
+from sidecar_support import Backends, Sidecar, admin, run_sidecar
 
 from meshlet.proxy import httpserver
 from meshlet.proxy.httpserver import Reply, Request
@@ -50,41 +51,13 @@ def wait_total(sidecar: Sidecar, name: str, expected: float, seconds: float = 5.
     return value
 
 
-class Loop:
-    """A background event loop serving asyncio servers for one test module."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.servers: list[asyncio.Server] = []
-
-    def serve(self, starting) -> int:
-        server = asyncio.run_coroutine_threadsafe(starting, self.loop).result(10)
-        self.servers.append(server)
-        return server.sockets[0].getsockname()[1]
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for server in self.servers:
-                server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 async def _metadata_app(request: Request) -> Reply:
     """Answers with the peer metadata it was given (`-`: none), and forges some of its own."""
     return Reply(200, f"{request.headers.get(METADATA, '-')}\n".encode(), headers={METADATA: FORGED})
 
 
-def start_metadata_app(loop: Loop) -> int:
-    return loop.serve(httpserver.start(_metadata_app, "127.0.0.1", 0))
+def start_metadata_app(servers: Backends) -> int:
+    return servers.serve("metadata-app", httpserver.start(_metadata_app, "127.0.0.1", 0))
 
 
 async def _upgrade_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,8 +74,8 @@ async def _upgrade_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         writer.close()
 
 
-def start_upgrade_echo(loop: Loop) -> int:
-    return loop.serve(asyncio.start_server(_upgrade_echo, "127.0.0.1", 0))
+def start_upgrade_echo(servers: Backends) -> int:
+    return servers.serve("upgrade-echo", asyncio.start_server(_upgrade_echo, "127.0.0.1", 0))
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -117,8 +90,8 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-def start_echo(loop: Loop) -> int:
-    return loop.serve(asyncio.start_server(_echo, "127.0.0.1", 0))
+def start_echo(servers: Backends) -> int:
+    return servers.serve("echo", asyncio.start_server(_echo, "127.0.0.1", 0))
 
 
 # --- a mesh hop: frontend's sidecar (A) calls reviews' sidecar (B) over mTLS -----------------------
@@ -151,3 +124,15 @@ def workload_flags(root, name: str, version: str) -> tuple[str, ...]:
     labels.write_text(f'app="{name}"\nversion="{version}"\n')
     return ("--metrics-compat", "istio", "--workload", name, "--workload-namespace", "default",
             "--workload-labels", str(labels))
+
+
+@contextlib.contextmanager
+def mesh_pair(root, app_port: int) -> Iterator[tuple[Sidecar, Sidecar]]:
+    """B (reviews, STRICT, allows frontend, its app at `app_port`), then A (frontend) routing
+    `reviews` to B over mesh mTLS: identity dirs `a` and `b` under `root` (the `mesh` fixture)."""
+    b_flags = workload_flags(root, "reviews", "v2")
+    with run_sidecar(inbound_policy(), "--identity", str(root / "b"), *b_flags, app_port=app_port) as b:
+        a_flags = workload_flags(root, "frontend", "v1")
+        with run_sidecar(mesh_route(b), "--identity", str(root / "a"), *a_flags) as a:
+            yield a, b
+            assert "Traceback" not in a.stderr() + b.stderr()

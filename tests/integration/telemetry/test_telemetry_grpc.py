@@ -10,8 +10,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_support import Stub, channel_to, start_grpc_backend
-from sidecar_support import run_sidecar
-from telemetry_support import FRONTEND_SIDE, REVIEWS_SIDE, inbound_policy, mesh_route, samples, side, workload_flags
+from telemetry_support import FRONTEND_SIDE, REVIEWS_SIDE, mesh_pair, samples, side
 
 pytestmark = [pytest.mark.engines("lean"), pytest.mark.timeout(120)]
 ISTIO = "istio_requests_total"
@@ -26,12 +25,8 @@ def grpc_app():
 
 @pytest.fixture(scope="module")
 def pair(mesh, grpc_app, engine):
-    b_flags = workload_flags(mesh.root, "reviews", "v2")
-    with run_sidecar(inbound_policy(), "--identity", str(mesh.root / "b"), *b_flags, app_port=grpc_app) as b:
-        a_flags = workload_flags(mesh.root, "frontend", "v1")
-        with run_sidecar(mesh_route(b), "--identity", str(mesh.root / "a"), *a_flags) as a:
-            yield a, b
-            assert "Traceback" not in a.stderr() + b.stderr()
+    with mesh_pair(mesh.root, grpc_app) as pair:
+        yield pair
 
 
 def test_grpc_calls_over_the_mesh_carry_their_status_and_both_sides(pair):

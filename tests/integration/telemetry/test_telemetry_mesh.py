@@ -11,22 +11,20 @@ import http.client
 
 import pytest
 from mesh_support import RATINGS, REFUSED, http_get, https_get, tls_context
-from sidecar_support import admin, run_sidecar
+from sidecar_support import Backends, admin
 from telemetry_support import (
     FORGED,
     FRONTEND_SIDE,
     METADATA,
     REVIEWS_SIDE,
     WIRED,
-    Loop,
     inbound_policy,
-    mesh_route,
+    mesh_pair,
     samples,
     side,
     start_metadata_app,
     total,
     wait_total,
-    workload_flags,
 )
 
 pytestmark = [WIRED, pytest.mark.timeout(120)]
@@ -35,17 +33,12 @@ ISTIO = "istio_requests_total"
 
 @pytest.fixture(scope="module")
 def pair(mesh, engine):
-    loop = Loop()
+    servers = Backends()
     try:
-        app = start_metadata_app(loop)
-        b_flags = workload_flags(mesh.root, "reviews", "v2")
-        with run_sidecar(inbound_policy(), "--identity", str(mesh.root / "b"), *b_flags, app_port=app) as b:
-            a_flags = workload_flags(mesh.root, "frontend", "v1")
-            with run_sidecar(mesh_route(b), "--identity", str(mesh.root / "a"), *a_flags) as a:
-                yield a, b
-                assert "Traceback" not in a.stderr() + b.stderr()
+        with mesh_pair(mesh.root, start_metadata_app(servers)) as pair:
+            yield pair
     finally:
-        loop.close()
+        servers.close()
 
 
 def call(a, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
@@ -61,22 +54,15 @@ def test_each_reporter_labels_the_other_side_from_the_mesh_hop(pair):
     a, b = pair
     for _ in range(3):
         assert call(a).status == 200
-    source = samples(a, ISTIO, reporter="source", response_code="200")
-    assert [s.value for s in source] == [3]
-    assert source[0].labels == {
-        "reporter": "source", **side("source", FRONTEND_SIDE), **side("destination", REVIEWS_SIDE),
-        "destination_service": "reviews", "destination_service_name": "reviews",
-        "destination_service_namespace": "default", "request_protocol": "http", "response_code": "200",
-        "grpc_response_status": "", "response_flags": "-", "connection_security_policy": "unknown",
-    }
-    destination = samples(b, ISTIO, reporter="destination", response_code="200")
-    assert [s.value for s in destination] == [3]
-    assert destination[0].labels == {
-        "reporter": "destination", **side("source", FRONTEND_SIDE), **side("destination", REVIEWS_SIDE),
-        "destination_service": "reviews", "destination_service_name": "reviews",
-        "destination_service_namespace": "default", "request_protocol": "http", "response_code": "200",
-        "grpc_response_status": "", "response_flags": "-", "connection_security_policy": "mutual_tls",
-    }
+    for sidecar, reporter, policy in ((a, "source", "unknown"), (b, "destination", "mutual_tls")):
+        [seen] = samples(sidecar, ISTIO, reporter=reporter, response_code="200")
+        assert seen.value == 3
+        assert seen.labels == {
+            "reporter": reporter, **side("source", FRONTEND_SIDE), **side("destination", REVIEWS_SIDE),
+            "destination_service": "reviews", "destination_service_name": "reviews",
+            "destination_service_namespace": "default", "request_protocol": "http", "response_code": "200",
+            "grpc_response_status": "", "response_flags": "-", "connection_security_policy": policy,
+        }
 
 
 def test_apps_cannot_forge_peer_metadata(pair):

@@ -7,8 +7,8 @@ import socket
 import time
 
 import pytest
-from sidecar_support import run_sidecar
-from telemetry_support import WIRED, Loop, samples, start_echo, start_upgrade_echo, wait_total
+from sidecar_support import Backends, run_sidecar
+from telemetry_support import WIRED, samples, start_echo, start_upgrade_echo, wait_total
 
 pytestmark = [WIRED, pytest.mark.timeout(60)]
 CLOSED = "istio_tcp_connections_closed_total"
@@ -16,11 +16,11 @@ CLOSED = "istio_tcp_connections_closed_total"
 
 @pytest.fixture(scope="module")
 def servers():
-    loop = Loop()
+    servers = Backends()
     try:
-        yield start_upgrade_echo(loop), start_echo(loop)
+        yield start_upgrade_echo(servers), start_echo(servers)
     finally:
-        loop.close()
+        servers.close()
 
 
 @pytest.fixture(scope="module")
