@@ -77,21 +77,27 @@ class MetricTemplateModel:
     route: str = ""
     variables: dict[str, str] = field(default_factory=dict)
 
-    def function(self, name: str) -> str:
-        """The value of `{{ name }}`; an unknown name is a template error, as in Go."""
-        if name not in ("name", "namespace", "target", "service", "ingress", "route", "interval"):
+    def function(self, name: str, key: str | None = None) -> str:
+        """The value of `{{ name }}` or `{{ variables.key }}`; an unknown name or key is a template
+        error, as in Go with missingkey=error."""
+        if name == "variables" and key is not None:
+            if key not in self.variables:
+                raise ValueError(f'template: tmpl: map has no entry for key "{key}"')
+            return self.variables[key]
+        if key is not None or name not in ("name", "namespace", "target", "service", "ingress", "route", "interval"):
             raise ValueError(f'template: tmpl: function "{name}" not defined')
         return getattr(self, name) or (self.target if name in ("service", "ingress", "route") else "")
 
 
 def render(template: str, model: MetricTemplateModel) -> str:
-    """`RenderQuery`: each `{{ fn }}` action replaced by the model's value; nothing else changes."""
+    """`RenderQuery`: each `{{ fn }}` or `{{ variables.key }}` action replaced by the model's value;
+    nothing else changes. Other template syntax is refused rather than guessed."""
 
     def action(match: re.Match[str]) -> str:
-        name = match.group(1).strip()
-        if not re.fullmatch(r"[A-Za-z_]\w*", name):
-            raise ValueError(f"this renderer supports only zero-argument functions, not {{{{{match.group(1)}}}}}")
-        return model.function(name)
+        found = re.fullmatch(r"\s*([A-Za-z_]\w*)(?:\.(\w+))?\s*", match.group(1))
+        if not found:
+            raise ValueError(f"this renderer supports only Flagger's model functions, not {{{{{match.group(1)}}}}}")
+        return model.function(*found.groups())
 
     return _ACTION.sub(action, template)
 
