@@ -63,6 +63,10 @@ def test_rendering_gives_what_flaggers_own_tests_expect():
         assert trim(render(template, model)) == FLAGGER_EXPECTED[name]
     with pytest.raises(ValueError, match='function "nope" not defined'):
         render("{{ nope }}", model)
+    with_variables = replace(model, variables={"backend": "v2"})
+    assert render('backend="{{ variables.backend }}"', with_variables) == 'backend="v2"'
+    with pytest.raises(ValueError, match='no entry for key "route"'):
+        render("{{ variables.route }}", with_variables)
 
 
 def start_prometheus(tmp_path, *sidecars: tuple[str, int]) -> Prometheus:
