@@ -6,10 +6,11 @@ Grafana's dashboard sidecar picks up by label, valid JSON, every panel with Prom
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 from dashboard_support import BUILTINS, DASHBOARD, load, panels, query_variables, targets, used_variables
-from test_k8s_helm import HELM, find, render
+from test_k8s_helm import CHART, HELM, find, render
 
 pytestmark = pytest.mark.skipif(HELM is None, reason="needs the helm binary (scripts/setup installs it into .venv/bin)")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -62,3 +63,10 @@ def test_the_panels_the_issue_asks_for_are_there():
     assert "meshlet_mtls_handshakes_total" in mtls and "by (direction, result)" in mtls
     assert all(name in agent for name in ("meshlet_tcp_connect_latency_seconds_bucket", "meshlet_tcp_srtt_seconds_bucket",
                                           "meshlet_qos_adjustments_total", "meshlet_qos_class_rate_bits"))
+
+
+def test_a_label_value_that_is_not_a_string_is_refused_with_its_path():
+    result = subprocess.run([HELM, "template", "mesh", str(CHART), "--set", "monitoring.grafanaDashboard.labels.grafana_dashboard=1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "/monitoring/grafanaDashboard/labels/grafana_dashboard" in result.stderr  # `--set-string` passes it
