@@ -24,8 +24,8 @@ def grpc_app():
 
 
 @pytest.fixture(scope="module")
-def pair(mesh, grpc_app, engine):
-    with mesh_pair(mesh.root, grpc_app) as pair:
+def pair(identities, grpc_app, engine):
+    with mesh_pair(identities.root, grpc_app) as pair:
         yield pair
 
 

@@ -32,10 +32,10 @@ ISTIO = "istio_requests_total"
 
 
 @pytest.fixture(scope="module")
-def pair(mesh, engine):
+def pair(identities, engine):
     servers = Backends()
     try:
-        with mesh_pair(mesh.root, start_metadata_app(servers)) as pair:
+        with mesh_pair(identities.root, start_metadata_app(servers)) as pair:
             yield pair
     finally:
         servers.close()
@@ -94,7 +94,7 @@ def test_plaintext_callers_metadata_is_not_believed(pair):
             for s in plain] == [("unknown", "unknown", "unknown")]
 
 
-def test_refusals_are_403_uaex_on_both_metric_families(pair, mesh):
+def test_refusals_are_403_uaex_on_both_metric_families(pair, identities):
     _, b = pair
     refused = {"direction": "inbound", "route": "inbound", "backend": "none", "code": "403",
                "response_flags": "UAEX"}
@@ -108,9 +108,9 @@ def test_refusals_are_403_uaex_on_both_metric_families(pair, mesh):
     conn.close()
     # a certificate from another CA: refused in the handshake
     with pytest.raises(REFUSED):
-        https_get(b.inbound, tls_context(mesh.root / "impostor", mesh.root / "b"))
+        https_get(b.inbound, tls_context(identities.root / "impostor", identities.root / "b"))
     # a mesh identity the allow list does not name: a 403 answer
-    status, _ = https_get(b.inbound, tls_context(mesh.root / "ratings", mesh.root / "b"))
+    status, _ = https_get(b.inbound, tls_context(identities.root / "ratings", identities.root / "b"))
     assert status == 403
     assert wait_total(b, "meshlet_requests_total", before + 3, **refused) == before + 3
     assert total(b, ISTIO, reporter="destination", response_code="403", response_flags="UAEX") == before_istio + 3
@@ -118,7 +118,7 @@ def test_refusals_are_403_uaex_on_both_metric_families(pair, mesh):
     assert [(s.value, s.labels["connection_security_policy"]) for s in denied] == [(1, "mutual_tls")]
 
 
-def test_the_allowed_caller_still_gets_through(pair, mesh):
+def test_the_allowed_caller_still_gets_through(pair, identities):
     _, b = pair
-    status, body = https_get(b.inbound, tls_context(mesh.root / "frontend", mesh.root / "b"))
+    status, body = https_get(b.inbound, tls_context(identities.root / "frontend", identities.root / "b"))
     assert (status, body) == (200, "-\n")  # a caller without metadata: its identity still admits it
