@@ -129,7 +129,7 @@ def workload_flags(root, name: str, version: str) -> tuple[str, ...]:
 @contextlib.contextmanager
 def mesh_pair(root, app_port: int) -> Iterator[tuple[Sidecar, Sidecar]]:
     """B (reviews, STRICT, allows frontend, its app at `app_port`), then A (frontend) routing
-    `reviews` to B over mesh mTLS: identity dirs `a` and `b` under `root` (the `mesh` fixture)."""
+    `reviews` to B over mesh mTLS: identity dirs `a` and `b` under `root` (the `identities` fixture)."""
     b_flags = workload_flags(root, "reviews", "v2")
     with run_sidecar(inbound_policy(), "--identity", str(root / "b"), *b_flags, app_port=app_port) as b:
         a_flags = workload_flags(root, "frontend", "v1")
