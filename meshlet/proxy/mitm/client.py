@@ -4,7 +4,8 @@ mitmproxy's server side cannot be cut short with a chosen status or replayed aga
 backend, so a route that asks for a deadline (504) or retries sends its request here instead:
 one bounded exchange over a pooled keep-alive connection. Bodies are buffered, which retries
 need anyway (a request can only be sent again if it is still at hand). A `tls: mesh` backend is
-reached over mTLS (meshlet.mtls.upstream); the deadline covers the handshake too.
+reached over mTLS (meshlet.mtls.upstream); the deadline covers the handshake too, and each
+reply names the SPIFFE ID the backend's certificate proved (for peer metadata).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import asyncio
 import contextlib
 import ssl
 from collections import defaultdict
+from typing import NamedTuple
 
+from cryptography import x509
 from mitmproxy import http
 from mitmproxy.net.http import http1
 
 from meshlet.mtls.upstream import UpstreamTls, check_leaf, classify
+from meshlet.mtls.verify import identity_of
 
 Address = tuple[str, int]
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "trailer")
@@ -64,18 +68,24 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 
 
 PoolKey = tuple[Address, tuple | None]  # the address, and for mTLS our certificate and the expected peer
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, str]  # and the peer's verified SPIFFE ID ("": none)
+
+
+class Reply(NamedTuple):
+    response: http.Response
+    identity: str  # the SPIFFE ID the backend proved over mesh mTLS; "" over plain TCP
 
 
 class UpstreamPool:
     """Keep-alive connections per backend address (and TLS identity); one exchange per connection at a time."""
 
     def __init__(self) -> None:
-        self._idle: dict[PoolKey, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = defaultdict(list)
+        self._idle: dict[PoolKey, list[Connection]] = defaultdict(list)
         self._tls_in_use: dict[Address, tuple] = {}  # per mesh address, the TLS key its pooled connections have
 
     async def send(
         self, address: Address, request: http.Request, timeout: float | None, tls: UpstreamTls | None = None
-    ) -> http.Response:
+    ) -> Reply:
         """The backend's complete response; UpstreamError or TimeoutError otherwise."""
         key = (address, tls.pool_key if tls else None)
         if tls is not None:
@@ -85,20 +95,17 @@ class UpstreamPool:
             self._tls_in_use[address] = tls.pool_key
         async with asyncio.timeout(timeout):
             while self._idle[key]:
-                reader, writer = self._idle[key].pop()
-                if reader.at_eof() or writer.is_closing():
-                    writer.close()
+                conn = self._idle[key].pop()
+                if conn[0].at_eof() or conn[1].is_closing():
+                    conn[1].close()
                     continue
                 with contextlib.suppress(_Stale):
-                    return await self._exchange(key, reader, writer, request, reused=True)
-            reader, writer = await _connect(address, tls)
-            return await self._exchange(key, reader, writer, request, reused=False)
+                    return await self._exchange(key, conn, request, reused=True)
+            return await self._exchange(key, await _connect(address, tls), request, reused=False)
 
-    async def _exchange(
-        self, key: PoolKey, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        request: http.Request, reused: bool,
-    ) -> http.Response:
+    async def _exchange(self, key: PoolKey, conn: Connection, request: http.Request, reused: bool) -> Reply:
         address = key[0]
+        reader, writer, identity = conn
         keep = False
         try:
             writer.write(_request_head(request) + (request.raw_content or b""))
@@ -126,7 +133,7 @@ class UpstreamPool:
             if keep:
                 idle = self._idle[key]
                 if len(idle) < MAX_IDLE_PER_BACKEND:
-                    idle.append((reader, writer))
+                    idle.append(conn)
                 else:
                     writer.close()
             else:
@@ -136,10 +143,10 @@ class UpstreamPool:
         response.raw_content = body
         if size != 0:  # bodiless answers (HEAD, 204, 304) keep their headers as sent
             response.headers["content-length"] = str(len(body))
-        return response
+        return Reply(response, identity)
 
     def _discard(self, key: PoolKey) -> None:
-        for _, writer in self._idle.pop(key, ()):
+        for _, writer, _ in self._idle.pop(key, ()):
             writer.close()
 
     def close(self) -> None:
@@ -148,7 +155,7 @@ class UpstreamPool:
         self._tls_in_use.clear()
 
 
-async def _connect(address: Address, tls: UpstreamTls | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(address: Address, tls: UpstreamTls | None) -> Connection:
     """A new connection; with `tls`, an mTLS one whose peer proved the expected mesh identity."""
     where = f"{address[0]}:{address[1]}"
     try:
@@ -162,11 +169,13 @@ async def _connect(address: Address, tls: UpstreamTls | None) -> tuple[asyncio.S
         raise UpstreamError("connect-failure", f"{where}: {refused}") from None
     except OSError as e:
         raise UpstreamError("connect-failure", f"cannot connect to {where}: {e}") from None
-    if tls is not None:
-        peer = writer.get_extra_info("ssl_object")
-        refused = check_leaf(peer.getpeercert(binary_form=True) if peer else None, tls.expect)
-        tls.record(refused.result if refused else "ok")
-        if refused is not None:
-            writer.close()
-            raise UpstreamError("connect-failure", f"{where}: {refused}")
-    return reader, writer
+    if tls is None:
+        return reader, writer, ""
+    peer = writer.get_extra_info("ssl_object")
+    der = peer.getpeercert(binary_form=True) if peer else None
+    refused = check_leaf(der, tls.expect)
+    tls.record(refused.result if refused else "ok")
+    if refused is not None or der is None:
+        writer.close()
+        raise UpstreamError("connect-failure", f"{where}: {refused}")
+    return reader, writer, identity_of(x509.load_der_x509_certificate(der)) or ""

@@ -24,6 +24,8 @@ from meshlet.proxy.engine import StartupError
 from meshlet.proxy.mitm.routing import Routing
 from meshlet.proxy.state import PolicyState
 from meshlet.proxy.tap import TapHub
+from meshlet.telemetry.accesslog import AccessLog
+from meshlet.telemetry.outcome import UNKNOWN
 from meshlet.telemetry.proxy import ProxyMetrics
 
 log = logging.getLogger("meshlet.proxy")
@@ -44,9 +46,11 @@ def build_addons(config: SidecarConfig, routing: Routing, scripts: Sequence[type
                            dict(config.workload_labels))
     routing.upstream_tls = mtls[0].upstream  # routes with timeout/retries to mesh backends use meshlet's client
     routing.peer_identity = mtls[0].peer_identity
+    routing.server_identity = mtls[0].server_identity
+    mtls[0].refused = routing.refused_connection
     return [
-        core.Core(), proxyserver.Proxyserver(), Strict(routing.metrics), Inbound(config), *mtls, H2c(),
-        PassThrough(), next_layer.NextLayer(), tlsconfig.TlsConfig(), Forwarding(),
+        core.Core(), proxyserver.Proxyserver(), Strict(routing.metrics), Inbound(config), *mtls, H2c(routing.metrics),
+        PassThrough(routing.metrics), next_layer.NextLayer(), tlsconfig.TlsConfig(), Forwarding(),
         *scripts,
         routing,
     ]
@@ -66,7 +70,12 @@ class MitmEngine:
         from meshlet.proxy.mitm.listeners import install_listeners
 
         install_listeners(config.reuse_port)
-        self.routing = Routing(state, metrics, config.strict_hosts, tap, stream=not config.addons)
+        try:
+            self.access_log = AccessLog.open(config.access_log)
+        except OSError as e:
+            raise StartupError(str(e)) from None
+        self.routing = Routing(state, metrics, config.strict_hosts, tap, stream=not config.addons,
+                               access_log=self.access_log)
         self.options = options.Options()
         self.master = Master(self.options, with_termlog=False)
         self.master.addons = LeanAddons(self.master)  # hooks dispatched through an index (mitm.dispatch)
@@ -75,7 +84,10 @@ class MitmEngine:
         addons = build_addons(config, self.routing, scripts)  # an unusable --identity raises its own error
         with script_errors(config.addons):
             self.master.addons.add(*addons)
-            settings = {"mode": config.mode_specs(), "keep_host_header": True, "connection_strategy": "lazy"}
+            # Without addon scripts nothing reads WebSocket messages: relayed as bytes after the 101,
+            # as the lean engine does (and counted as such, routing.tcp_*).
+            settings = {"mode": config.mode_specs(), "keep_host_header": True, "connection_strategy": "lazy",
+                        "websocket": bool(scripts)}
             if scripts:
                 settings["stream_large_bodies"] = LARGE_BODY
             try:
@@ -91,6 +103,7 @@ class MitmEngine:
             await self.mtls.start()  # the first certificate request: a refused token stops the start here
         except IdentityError as e:
             raise StartupError(str(e)) from None
+        self.routing.metrics.me.principal = self.mtls.principal() or UNKNOWN
         listening = await self.proxyserver.setup_servers()
         failed = [str(s.last_exception) for s in self.proxyserver.servers if s.last_exception]
         if not listening or failed:
@@ -119,3 +132,5 @@ class MitmEngine:
     async def close(self) -> None:
         await self.proxyserver.servers.update([])  # a no-op after drain
         await self.master.done()
+        if self.access_log is not None:
+            self.access_log.close()

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from mitmproxy import http
 
-from meshlet.proxy.lean.http1 import FRAMING  # never dropped: the body would reach the backend unframed
+from meshlet.proxy.http1rules import FRAMING  # never dropped: the body would reach the backend unframed
 
 Fields = Sequence[tuple[bytes, bytes]]
 

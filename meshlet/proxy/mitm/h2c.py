@@ -22,6 +22,7 @@ from mitmproxy.proxy.mode_specs import RegularMode
 from meshlet.proxy.h2c import GOODBYE, PREFACE
 from meshlet.proxy.mitm.origdst import original_destination
 from meshlet.proxy.mitm.tunnel import relay
+from meshlet.telemetry.proxy import ProxyMetrics
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -44,6 +45,9 @@ def own_destination(ctx: context.Context) -> tuple[str, int] | None:
 class H2c:
     """Must come before mitmproxy's NextLayer addon, which steps aside when a layer is set."""
 
+    def __init__(self, metrics: ProxyMetrics | None = None) -> None:
+        self.metrics = metrics
+
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None or not nextlayer.data_client().startswith(PREFACE[:14]):
             return
@@ -55,7 +59,7 @@ class H2c:
             return
         log.info("relaying cleartext HTTP/2 (h2c) from %s to %s:%d at L4: policy does not apply to it "
                  "(the mitmproxy engine reads HTTP/2 over TLS only; --engine lean routes h2c)", peer, *destination)
-        relay(nextlayer, destination)
+        relay(nextlayer, destination, self.metrics)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Raw fields: this runs on every request, and Headers.get decodes through a multidict.

@@ -38,8 +38,9 @@ from meshlet.mtls.contexts import TlsContexts
 from meshlet.mtls.inbound import NO_LABELS, PEER_IDENTITY_HEADER, Labels, inbound_mtls, mesh_backends
 from meshlet.mtls.source import POLL_SECONDS, IdentityConfig, IdentitySource, identity_source
 from meshlet.mtls.upstream import UpstreamTls, client_context
-from meshlet.mtls.verify import Result, Verdict, verify_peer
+from meshlet.mtls.verify import Result, Verdict, identity_of, verify_peer
 from meshlet.policy.model import Backend, TrafficPolicy
+from meshlet.proxy.mitm.exchange import REFUSED
 from meshlet.proxy.mitm.inbound import Refuse, is_inbound
 from meshlet.telemetry.mtls import MtlsMetrics, default_metrics
 
@@ -82,7 +83,8 @@ class MeshTls:
     """One per sidecar process. `policies` returns the running policies (read, never stored, per
     connection or request, so a PUT /policy applies to the next handshake); `source` is None
     when the sidecar runs without an identity, and holds no contexts until its first certificate:
-    meanwhile TLS is refused inbound and not originated."""
+    meanwhile TLS is refused inbound and not originated. `refused` is told of every inbound
+    connection refused at the handshake (or for plaintext), which metrics count as a 403."""
 
     def __init__(
         self,
@@ -102,6 +104,8 @@ class MeshTls:
         self._probes: dict[str, _Probe] = {}  # connection id → handshake in progress
         self._peers: dict[str, tuple] = {}  # outbound connection id → its resumption key
         self._identities: dict[str, str] = {}  # inbound client id → verified SPIFFE ID
+        self._servers: dict[str, str] = {}  # outbound server id → the SPIFFE ID it proved
+        self.refused: Callable[[], None] = lambda: None
         self._resume: dict[tuple, SSL.Connection] = {}  # outbound: last connection per peer, for its session
         self._seen: Sequence[TrafficPolicy] | None = None
         self._mesh: dict[tuple[str, int], Backend] = {}
@@ -145,6 +149,11 @@ class MeshTls:
         """Without an identity there is nothing to wait for; with one, a certificate must be held."""
         return self.source is None or self.source.ready()
 
+    def principal(self) -> str:
+        """This workload's SPIFFE ID ("" without an identity yet)."""
+        contexts = self._contexts()
+        return "" if contexts is None else contexts.identity.spiffe_id
+
     def certs(self) -> dict:
         """What `GET /certs` on the admin API shows."""
         return {"identity": None} if self.source is None else self.source.describe()
@@ -165,6 +174,7 @@ class MeshTls:
         if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and no_identity):
             log.info("inbound %s refused: %s on a %s port", client.peername, "TLS" if is_tls else "plaintext", mode)
             nextlayer.layer = Refuse(nextlayer.context)
+            self.refused()
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         client = data.context.client
@@ -201,6 +211,7 @@ class MeshTls:
         probe = self._probes.pop(data.conn.id, None)
         if probe is not None:
             self._failed("inbound", probe, data.conn)
+            self.refused()
 
     def peer_identity(self, client: connection.Client) -> str:
         """The SPIFFE ID verified on this inbound connection ("" for none): what `meshlet tap` shows."""
@@ -222,10 +233,10 @@ class MeshTls:
         identity = self._identities.get(flow.client_conn.id)
         if identity is None:
             if mtls.mode == "STRICT":  # a plaintext connection accepted before the policy became STRICT
-                flow.response = _forbidden("mTLS required")
+                _forbid(flow, "mTLS required")
             return
         if mtls.allow and identity not in mtls.allow:
-            flow.response = _forbidden(f"peer identity {identity} is not allowed")
+            _forbid(flow, f"peer identity {identity} is not allowed")
             return
         flow.request.headers[PEER_IDENTITY_HEADER] = identity
 
@@ -263,6 +274,7 @@ class MeshTls:
             self.metrics.handshake("outbound", "ok")
             if probe.verdict is None:  # resumed: the peer was verified when the session began
                 self.metrics.resumed.labels("outbound").inc()
+            self._servers[data.conn.id] = _proven_identity(probe, data.ssl_conn)
             peer = self._peers.pop(data.conn.id, None)
             if peer is not None and data.ssl_conn is not None:
                 if len(self._resume) >= MAX_RESUMABLE_PEERS:
@@ -278,7 +290,12 @@ class MeshTls:
         if probe is not None:
             self._failed("outbound", probe, data.conn)
 
+    def server_identity(self, server: connection.Server) -> str:
+        """The SPIFFE ID a mesh backend proved on this connection ("" for none): whose metadata to believe."""
+        return self._servers.get(server.id, "")
+
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._servers.pop(data.server.id, None)
         self._probes.pop(data.server.id, None)
         self._peers.pop(data.server.id, None)
 
@@ -322,8 +339,17 @@ def _resumed_verdict(probe: _Probe, conn: SSL.Connection) -> Verdict:
     return verify_peer([cert.to_cryptography()], probe.bundle, probe.now(), probe.expect)
 
 
-def _forbidden(reason: str) -> http.Response:
-    return http.Response.make(403, f"meshlet: {reason}\n", {"content-type": "text/plain"})
+def _proven_identity(probe: _Probe, conn: SSL.Connection | None) -> str:
+    """The verified peer's SPIFFE ID; on a resumed session, the one its remembered certificate names."""
+    if probe.verdict is not None:
+        return probe.verdict.identity or ""
+    cert = conn.get_peer_certificate() if conn is not None else None
+    return (identity_of(cert.to_cryptography()) or "") if cert is not None else ""
+
+
+def _forbid(flow: http.HTTPFlow, reason: str) -> None:
+    flow.response = http.Response.make(403, f"meshlet: {reason}\n", {"content-type": "text/plain"})
+    flow.metadata[REFUSED] = True  # counted as an authorization refusal (UAEX)
 
 
 def mesh_tls_addons(config: IdentityConfig, policies: Callable[[], Sequence[TrafficPolicy]],

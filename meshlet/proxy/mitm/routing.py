@@ -21,43 +21,42 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tcp
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from meshlet.mtls.upstream import UpstreamTls
 from meshlet.policy.model import Backend
+from meshlet.proxy import peermeta
 from meshlet.proxy.inbound import APP_BACKEND, INBOUND_ROUTE, REFUSED_BACKEND
-from meshlet.proxy.mitm import responses
+from meshlet.proxy.mitm import metadata, responses
 from meshlet.proxy.mitm.client import UpstreamError, UpstreamPool
+from meshlet.proxy.mitm.exchange import KEY, REFUSED, Exchange, failure, outcome, tap_record
 from meshlet.proxy.state import PolicyState
-from meshlet.proxy.tap import TapHub, TapRecord
+from meshlet.proxy.tap import TapHub
 from meshlet.routing import Decision, RequestView, Unmatched, decide, parse_cookies
 from meshlet.routing.attempts import attempts_for, candidates, status_conditions
-from meshlet.telemetry.outcome import Outcome
+from meshlet.telemetry.accesslog import AccessLog
+from meshlet.telemetry.outcome import (
+    NO_FLAGS,
+    NO_ROUTE,
+    RETRIES_EXHAUSTED,
+    UNAUTHORIZED,
+    UNKNOWN,
+    UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_CONNECTION_TERMINATION,
+    UPSTREAM_TIMEOUT,
+    Outcome,
+    with_flag,
+)
 from meshlet.telemetry.proxy import ProxyMetrics
 
-KEY = "meshlet"
+__all__ = ["KEY", "Exchange", "Routing", "attempts_for", "candidates", "needs_pool"]
+
 REPLAYS = frozenset({"reset", "5xx", "gateway-error"})  # retry conditions that send a request again
 PROBE_TIMEOUT = 1.0
 log = logging.getLogger("meshlet.proxy")
-
-
-@dataclass(slots=True)
-class Exchange:
-    """Per-request bookkeeping kept in `flow.metadata[KEY]`, dropped with the flow."""
-
-    direction: str
-    route: str
-    backend: str
-    service: str
-    started: float
-    decision: Decision | None = None
-    buffered: bool = False
-    done: bool = False
-    tried: list[str] = field(default_factory=list)
 
 
 def request_view(flow: http.HTTPFlow) -> RequestView:
@@ -102,70 +101,84 @@ async def probe(backend: Backend, timeout: float) -> str | None:
     return None
 
 
-def tap_record(flow: http.HTTPFlow, exchange: Exchange, code: int, elapsed: float, peer_identity: str) -> TapRecord:
-    """What `meshlet tap` shows of a finished flow: the authority the client asked for (the
-    upstream address was rewritten; the Host header was kept)."""
-    request = flow.request
-    return TapRecord(
-        time.time() - elapsed, exchange.direction, request.method, request.host_header or request.pretty_host,
-        request.path, exchange.route, exchange.backend, code, elapsed, peer_identity,
-        request.headers.get("x-request-id", ""),
-    )
-
-
 class Routing:
     """One instance per process; shares the `PolicyState` with the admin API. `stream` is False
-    when users' addons must see whole messages; `tap` gets a record per finished request while
-    someone listens."""
+    when users' addons must see whole messages. Every request ends as one `Outcome`, given to the
+    metrics, the access log (when on) and tap (while someone listens)."""
 
     def __init__(
         self, state: PolicyState, metrics: ProxyMetrics, strict_hosts: bool = False, tap: TapHub | None = None,
-        stream: bool = True,
+        stream: bool = True, access_log: AccessLog | None = None,
     ):
         self.state = state
         self.metrics = metrics
         self.strict_hosts = strict_hosts
         self.tap = tap or TapHub()
         self.stream = stream
+        self.access_log = access_log
         self.pool = UpstreamPool()
         # Set by the mTLS addon: how the pool reaches a `tls: mesh` backend (None: no --identity),
-        # and the SPIFFE ID it verified on an inbound client connection ("" when none).
+        # and the SPIFFE ID it verified on an inbound client or an outbound server connection ("": none).
         self.upstream_tls: Callable[[Backend], UpstreamTls | None] = lambda backend: None
         self.peer_identity: Callable[[connection.Client], str] = lambda client: ""
+        self.server_identity: Callable[[connection.Server], str] = lambda server: ""
         self.open_upstreams: Counter[tuple[str, int]] = Counter()
         self.in_flight = 0
+        self._metadata: dict[str, bytes] = {}  # service → this workload's peer metadata naming it
+        self._upgraded: dict[str, Exchange] = {}  # client id → the request whose 101 made it a byte relay
 
+    # --- requests ----------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if KEY in flow.metadata:
+        if KEY in flow.metadata:  # routed already, or refused as malformed (meshlet.proxy.mitm.strict)
             return
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):  # to the app (meshlet.proxy.mitm.inbound)
-            self.in_flight += 1
-            # Counted also when the mTLS addon answered already (403): refusals show in the metrics.
-            backend = REFUSED_BACKEND if flow.response else APP_BACKEND
-            flow.metadata[KEY] = Exchange("inbound", INBOUND_ROUTE, backend, "app", time.perf_counter())
-            flow.request.stream = self.stream and flow.response is None
+            self._inbound(flow)
             return
         if flow.response:
             return
         self.in_flight += 1
+        metadata.take(flow.request)  # the app's own: only this sidecar speaks for this workload
         await self._route(flow, decide(self.state.table, request_view(flow)))
 
+    def _inbound(self, flow: http.HTTPFlow) -> None:
+        """Counted also when the mTLS addon answered already (403): refusals show in the metrics."""
+        self.in_flight += 1
+        request = flow.request
+        exchange = Exchange("inbound", INBOUND_ROUTE, APP_BACKEND, UNKNOWN, time.perf_counter(), time.time())
+        flow.metadata[KEY] = exchange
+        said = metadata.take(request)  # never reaches the app; believed only from a verified caller
+        identity = self.peer_identity(flow.client_conn)
+        if identity:
+            exchange.mtls = True
+            exchange.peer, exchange.service = peermeta.trusted(peermeta.decode(said) if said else None, identity)
+        if flow.response is not None:
+            exchange.backend = REFUSED_BACKEND
+            exchange.flags = UNAUTHORIZED if flow.metadata.get(REFUSED) else NO_FLAGS
+            return
+        exchange.begin((request.host, request.port))
+        if self.stream:
+            request.stream = exchange.request_chunk
+
     async def _route(self, flow: http.HTTPFlow, decision: Decision | Unmatched | None) -> None:
+        now, wall = time.perf_counter(), time.time()
+        request = flow.request
         if decision is None:
-            flow.metadata[KEY] = Exchange("outbound", "passthrough", "passthrough", "unknown", time.perf_counter())
+            exchange = flow.metadata[KEY] = Exchange("outbound", "passthrough", "passthrough", UNKNOWN, now, wall)
             if self.strict_hosts:
-                flow.response = responses.no_policy(flow.request.host_header or flow.request.pretty_host)
+                exchange.flags = NO_ROUTE
+                flow.response = responses.no_policy(request.host_header or request.pretty_host)
             else:
+                exchange.begin((request.host, request.port))
                 if self.stream:
-                    flow.request.stream = True
+                    request.stream = exchange.request_chunk
             return
         service = decision.policy.host
         if isinstance(decision, Unmatched):
-            flow.metadata[KEY] = Exchange("outbound", "unmatched", "none", service, time.perf_counter())
-            flow.response = responses.no_route(flow.request.host_header or flow.request.pretty_host)
+            exchange = flow.metadata[KEY] = Exchange("outbound", "unmatched", "none", service, now, wall)
+            exchange.flags = NO_ROUTE
+            flow.response = responses.no_route(request.host_header or request.pretty_host)
             return
-        exchange = Exchange("outbound", decision.route.name, decision.backend.name, service, time.perf_counter())
-        exchange.decision = decision
+        exchange = Exchange("outbound", decision.route.name, decision.backend.name, service, now, wall, decision)
         flow.metadata[KEY] = exchange
         if needs_pool(decision):
             exchange.buffered = True  # the `request` hook sends it once the body is in
@@ -173,19 +186,28 @@ class Routing:
         await self._stream_to(flow, exchange, decision)
 
     async def _stream_to(self, flow: http.HTTPFlow, exchange: Exchange, decision: Decision) -> None:
-        """Pick a backend that accepts connections (probing only one nobody is connected to)."""
-        tries = attempts_for(decision.route, flow.request.method, "connect-failure")
+        """Pick a backend that accepts connections (probing only one nobody is connected to); a
+        refused probe is an attempt that failed to connect."""
+        request = flow.request
+        tries = attempts_for(decision.route, request.method, "connect-failure")
+        backends = candidates(decision)
         why = ""
-        for backend in candidates(decision)[:tries] if tries > 1 else (decision.backend,):
-            address = (backend.address.host, backend.address.port)
+        for attempt in range(tries):
+            backend = backends[attempt % len(backends)]
+            address = self._aim(exchange, backend)
+            began = time.perf_counter()
             if self.open_upstreams[address] <= 0 and (why := await probe(backend, PROBE_TIMEOUT) or ""):
+                self._attempt(exchange, 0, UPSTREAM_CONNECT_FAILURE, began)
                 continue
-            exchange.backend = backend.name
-            flow.request.data.host, flow.request.data.port = address
-            flow.request.scheme = "https" if backend.tls == "mesh" else "http"
+            request.data.host, request.data.port = address
+            request.scheme = "https" if backend.tls == "mesh" else "http"
+            self._offer_metadata(request, backend, decision.policy.host)
+            exchange.begin(address)
             if self.stream:
-                flow.request.stream = True
+                request.stream = exchange.request_chunk
             return
+        flag = UPSTREAM_CONNECT_FAILURE
+        exchange.flags = with_flag(flag, RETRIES_EXHAUSTED) if tries > 1 else flag  # as Envoy orders them
         flow.response = responses.unavailable(exchange.backend, why)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -195,54 +217,176 @@ class Routing:
         flow.response = await self._send_buffered(flow.request, exchange, exchange.decision)
 
     async def _send_buffered(self, request: http.Request, exchange: Exchange, decision: Decision) -> http.Response:
+        """Attempts until one may stand: each is counted against its backend as it ends, and the
+        last one's backend is the request's."""
         route, timeout = decision.route, decision.route.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         backends = candidates(decision)
         attempt = 0
         while True:
             backend = backends[attempt % len(backends)]
-            exchange.backend = backend.name
+            address = self._aim(exchange, backend)
             attempt += 1
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             tls = None
             if backend.tls == "mesh" and (tls := self.upstream_tls(backend)) is None:
+                exchange.flags = UPSTREAM_CONNECT_FAILURE
                 return responses.unavailable(backend.name, "it needs mesh mTLS; this sidecar runs without --identity")
+            self._offer_metadata(request, backend, decision.policy.host)
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            began = time.perf_counter()
             try:
-                response = await self.pool.send((backend.address.host, backend.address.port), request, remaining, tls)
+                response, identity = await self.pool.send(address, request, remaining, tls)
             except TimeoutError:
+                self._attempt(exchange, 0, UPSTREAM_TIMEOUT, began)
+                exchange.flags = UPSTREAM_TIMEOUT
                 return responses.timed_out(route.name, timeout or 0.0)
             except UpstreamError as e:
-                if attempt < attempts_for(route, request.method, e.condition):
+                connect = e.condition == "connect-failure"
+                flag = UPSTREAM_CONNECT_FAILURE if connect else UPSTREAM_CONNECTION_TERMINATION
+                self._attempt(exchange, 0, flag, began)
+                allowed = attempts_for(route, request.method, e.condition)
+                if attempt < allowed:
                     continue
-                make = responses.unavailable if e.condition == "connect-failure" else responses.bad_gateway
-                return make(backend.name, str(e))
+                exchange.flags = with_flag(flag, RETRIES_EXHAUSTED) if allowed > 1 else flag
+                return (responses.unavailable if connect else responses.bad_gateway)(backend.name, str(e))
+            self._attempt(exchange, response.status_code, NO_FLAGS, began)
             conditions = status_conditions(response.status_code)
-            if not any(attempt < attempts_for(route, request.method, c) for c in conditions):
-                return response
+            allowed = max((attempts_for(route, request.method, c) for c in conditions), default=1)
+            if attempt < allowed:
+                continue
+            if allowed > 1:
+                exchange.flags = RETRIES_EXHAUSTED
+            exchange.peer = metadata.vouched(metadata.take(response), identity)
+            return response
 
+    def _aim(self, exchange: Exchange, backend: Backend) -> tuple[str, int]:
+        """The next attempt goes to `backend`: until its own metadata says otherwise, the
+        destination is what the policy declares."""
+        exchange.backend, exchange.last, exchange.peer = backend.name, backend, None
+        address = backend.address.host, backend.address.port
+        exchange.upstream = f"{address[0]}:{address[1]}"
+        return address
+
+    def _attempt(self, exchange: Exchange, code: int, flags: str, began: float) -> None:
+        self.metrics.attempt(exchange.direction, exchange.route, exchange.backend, code, flags,
+                             time.perf_counter() - began)
+
+    def _offer_metadata(self, request: http.Request, backend: Backend, service: str) -> None:
+        """Only a mesh-mTLS attempt carries this workload's metadata: the peer can tell who sent it."""
+        if backend.tls == "mesh":
+            metadata.put(request, self._own_metadata(service))
+        else:
+            metadata.take(request)
+
+    def _own_metadata(self, service: str = "") -> bytes:
+        value = self._metadata.get(service)
+        if value is None:
+            value = self._metadata[service] = peermeta.encode(self.metrics.me, service)
+        return value
+
+    # --- responses -----------------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and self.stream:
-            flow.response.stream = True
+        exchange = flow.metadata.get(KEY)
+        response = flow.response
+        if exchange is None or response is None:
+            return
+        if exchange.attempting and not exchange.upstream_code:
+            exchange.upstream_code = response.status_code
+        if exchange.direction == "outbound":
+            said = metadata.take(response)  # never reaches the app
+            backend = exchange.last
+            if exchange.attempting and backend is not None and backend.tls == "mesh":
+                exchange.peer = metadata.vouched(said, self.server_identity(flow.server_conn))
+        elif exchange.mtls:  # a verified caller's sidecar learns who answered
+            metadata.put(response, self._own_metadata())
+        else:
+            metadata.take(response)
+        if self.stream and response.data.content is None:
+            response.stream = exchange.response_chunk
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, flow.response.status_code if flow.response else 502)
+        exchange = flow.metadata.get(KEY)
+        if exchange is not None and flow.response is not None:
+            if flow.response.status_code == 101 and flow.websocket is None:  # mitmproxy relays it as TCP next
+                self._upgraded[flow.client_conn.id] = exchange
+            self._finish(flow, exchange, flow.response.status_code, exchange.flags)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, flow.response.status_code if flow.response else 502)
-
-    def _finish(self, flow: http.HTTPFlow, code: int) -> None:
         exchange = flow.metadata.get(KEY)
-        if exchange is None or exchange.done:
+        if exchange is not None:
+            self._finish(flow, exchange, *failure(flow))
+
+    # --- connections relayed by mitmproxy itself --------------------------------------------------
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        """With addon scripts, a WebSocket is read as messages (mitmproxy's WebSocket API): counted
+        as a relayed connection at its close, with the messages' payloads."""
+        exchange, websocket = flow.metadata.get(KEY), flow.websocket
+        if exchange is None or websocket is None:
+            return
+        received = sum(len(m.content) for m in websocket.messages if m.from_client)
+        sent = sum(len(m.content) for m in websocket.messages if not m.from_client)
+        self.metrics.tcp(exchange.direction, exchange.service, exchange.other_side(), exchange.mtls, sent, received)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """A connection mitmproxy relays as bytes: after a 101 (a WebSocket without addon
+        scripts, another upgrade), or what its own NextLayer could not read."""
+        flow.metadata[KEY] = [self._upgraded.pop(flow.client_conn.id, None), 0, 0]
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """Counted and let go: a TCP flow would otherwise keep every chunk it relayed (unless addon
+        scripts may read them: then they are counted at the end)."""
+        counts = flow.metadata.get(KEY)
+        if counts is not None and flow.messages and self.stream:
+            message = flow.messages.pop()
+            counts[1 + message.from_client] += len(message.content)
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        counts = flow.metadata.pop(KEY, None)
+        if counts is None:
+            return
+        for message in flow.messages:
+            counts[1 + message.from_client] += len(message.content)
+        exchange, sent, received = counts
+        connected = flow.server_conn.timestamp_tcp_setup is not None
+        flags = NO_FLAGS if connected else UPSTREAM_CONNECT_FAILURE
+        if exchange is None:
+            direction = "inbound" if isinstance(flow.client_conn.proxy_mode, ReverseMode) else "outbound"
+            self.metrics.tcp(direction, UNKNOWN, None, False, sent, received, flags)
+        else:
+            self.metrics.tcp(exchange.direction, exchange.service, exchange.other_side(), exchange.mtls, sent,
+                             received, flags)
+
+    tcp_error = tcp_end
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._upgraded.pop(client.id, None)  # a 101 whose relay never started
+
+    def _finish(self, flow: http.HTTPFlow, exchange: Exchange, code: int, flags: str) -> None:
+        if exchange.done:
             return
         exchange.done = True
         self.in_flight -= 1
-        elapsed = time.perf_counter() - exchange.started
-        self.metrics.observe(Outcome(exchange.direction, exchange.route, exchange.backend, exchange.service, code,
-                                     seconds=elapsed))
-        if self.tap.active:
-            peer = self.peer_identity(flow.client_conn) if exchange.direction == "inbound" else ""
-            self.tap.publish(tap_record(flow, exchange, code, elapsed, peer))
+        now = time.perf_counter()
+        if exchange.attempting:
+            self.metrics.attempt(exchange.direction, exchange.route, exchange.backend, exchange.upstream_code, flags,
+                                 now - exchange.attempt_started)
+        identity = self.peer_identity(flow.client_conn) if exchange.direction == "inbound" else ""
+        self.record(outcome(flow, exchange, code, flags, now - exchange.started, identity,
+                            self.metrics.istio is not None))
 
+    def record(self, finished: Outcome) -> None:
+        self.metrics.observe(finished)
+        if self.access_log is not None:
+            self.access_log.write(finished)
+        if self.tap.active:
+            self.tap.publish(tap_record(finished))
+
+    def refused_connection(self) -> None:
+        """An inbound connection the mTLS addon refused before any request (meshlet.proxy.mitm.mtls):
+        counted as the 403 it stands for."""
+        self.record(Outcome("inbound", INBOUND_ROUTE, REFUSED_BACKEND, UNKNOWN, 403, UNAUTHORIZED, start=time.time()))
+
+    # --- connections -------------------------------------------------------------------------------
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address:
             self.open_upstreams[data.server.address] += 1

@@ -6,7 +6,7 @@ before the colon). It joins obs-fold lines into the value, keeps NUL and bare CR
 bounds neither the request target nor the header section, and passes two Host fields and
 `gzip, chunked` on. This
 addon refuses those before routing, with the lean engine's limits and statuses
-(meshlet.proxy.lean.http1), so both engines pass one conformance suite.
+(meshlet.proxy.http1rules), so both engines pass one conformance suite.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from meshlet.proxy.lean.http1 import MAX_HEAD_BYTES, MAX_HEADERS, MAX_TARGET_BYTES
+from meshlet.proxy.http1rules import MAX_HEAD_BYTES, MAX_HEADERS, MAX_TARGET_BYTES
+from meshlet.proxy.mitm.exchange import KEY
 from meshlet.telemetry.proxy import ProxyMetrics
 
 _BAD_IN_VALUE = (b"\r", b"\n", b"\x00")  # RFC 9110 §5.5; an obs-fold arrives here as CR LF SP
@@ -57,3 +58,4 @@ class Strict:
             "content-type": "text/plain; charset=utf-8", "x-meshlet": "local", "connection": "close"})
         direction = "inbound" if isinstance(flow.client_conn.proxy_mode, ReverseMode) else "outbound"
         self.metrics.invalid(direction, status)
+        flow.metadata[KEY] = None  # counted here, once: the routing addon leaves it alone

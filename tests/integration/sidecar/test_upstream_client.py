@@ -45,14 +45,14 @@ def test_chunked_body_is_decoded_and_the_connection_reused():
         server, port, connections = await serve(chunked)
         pool = UpstreamPool()
         try:
-            first = await pool.send(("127.0.0.1", port), request(), 5)
-            second = await pool.send(("127.0.0.1", port), request(), 5)
+            first, identity = await pool.send(("127.0.0.1", port), request(), 5)
+            second, _ = await pool.send(("127.0.0.1", port), request(), 5)
         finally:
             pool.close()
             server.close()
         assert first.raw_content == second.raw_content == b"abcde"
         assert first.headers["content-length"] == "5" and "transfer-encoding" not in first.headers
-        assert len(connections) == 1
+        assert len(connections) == 1 and identity == ""  # plain TCP: no peer identity
 
     asyncio.run(main())
 
@@ -62,7 +62,7 @@ def test_a_connection_the_backend_closed_is_replaced_silently():
         server, port, connections = await serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", close_after=True)
         pool = UpstreamPool()
         try:
-            answers = [await pool.send(("127.0.0.1", port), request(), 5) for _ in range(3)]
+            answers = [(await pool.send(("127.0.0.1", port), request(), 5)).response for _ in range(3)]
         finally:
             pool.close()
             server.close()
@@ -77,7 +77,7 @@ def test_head_keeps_the_content_length_it_was_sent():
         server, port, _ = await serve(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
         pool = UpstreamPool()
         try:
-            answer = await pool.send(("127.0.0.1", port), request("HEAD"), 5)
+            answer, _ = await pool.send(("127.0.0.1", port), request("HEAD"), 5)
         finally:
             pool.close()
             server.close()

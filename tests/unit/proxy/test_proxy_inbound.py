@@ -74,10 +74,26 @@ class TestInboundAddon:
         assert f.request.headers["x-forwarded-for"] == "10.1.1.1" and f.request.host == "address"
 
 
+STRICT = """\
+apiVersion: meshlet.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: me}
+spec:
+  host: me
+  backends: {app: {address: "127.0.0.1:8080"}}
+  routes: [{name: all, to: [{backend: app}]}]
+  mtls: {mode: STRICT}
+"""
+
+
 def test_inbound_refusals_by_mtls_are_counted_as_403():
-    routing = Routing(PolicyState(compile_policy("", 1)), ProxyMetrics(CollectorRegistry()))
+    from meshlet.proxy.mitm.mtls import MeshTls
+
+    state = PolicyState(compile_policy(STRICT, 1))
+    routing = Routing(state, ProxyMetrics(CollectorRegistry()))
     f = inbound_flow()
-    f.response = tflow.tresp(status_code=403)  # what the mTLS addon answers a peer not in `allow`
+    MeshTls(None, lambda: state.current.policies).requestheaders(f)  # plaintext on a STRICT port
+    assert f.response.status_code == 403
     asyncio.run(routing.requestheaders(f))
     routing.response(f)
     assert f.metadata[KEY].backend == "none" and routing.in_flight == 0

@@ -112,6 +112,7 @@ class TestSpeed:
     def test_all_hooks_of_one_request(self, benchmark):
         addon, h2c, f = canary_routing(), H2c(), flow(path="/reviews/1")
         response, calls = tflow.tresp(), []
+        response.data.content = None  # its head only, as mitmproxy has it at `responseheaders`
 
         def request() -> None:
             calls.append(1)
@@ -120,7 +121,7 @@ class TestSpeed:
         benchmark(request)
         assert f.metadata[KEY].route == "canary" and f.metadata[KEY].done
         assert (f.request.host, f.request.port) in {("127.0.0.1", 9081), ("127.0.0.1", 9082)}
-        assert f.request.stream is True and f.response.stream is True
+        assert callable(f.request.stream) and callable(f.response.stream)  # streamed, bytes counted
         assert addon.in_flight == 0
         counted = [
             addon.metrics.registry.get_sample_value(
