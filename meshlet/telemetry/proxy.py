@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,8 +68,8 @@ class ProxyMetrics:
         )
         # Label children cached by their values: `labels()` validates and locks on every call
         # (~1.5 µs each); the set is bounded by the policy's routes and backends.
-        self._children: dict[tuple, tuple[Counter, Histogram]] = {}
-        self._attempts: dict[tuple, tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple, Callable[[float], None]] = {}
+        self._attempts: dict[tuple, Callable[[float], None]] = {}
         self.istio = IstioMetrics(registry, self.me) if compat == "istio" else None
 
     def observe(self, outcome: Outcome) -> None:
@@ -78,13 +79,11 @@ class ProxyMetrics:
         children = self._children.get(key)
         if children is None:
             grpc = "" if o.grpc_status < 0 else str(o.grpc_status)
-            children = self._children[key] = (
+            children = self._children[key] = counted(
                 self.requests.labels(o.direction, o.route, o.backend, str(o.code), grpc, o.flags or NO_FLAGS),
                 self.duration.labels(o.direction, o.route, o.backend),
             )
-        count, duration = children
-        count.inc()
-        duration.observe(o.seconds)
+        children(o.seconds)
         if self.istio is not None:
             self.istio.request(o)
 
@@ -93,13 +92,11 @@ class ProxyMetrics:
         key = (direction, route, backend, code, flags)
         children = self._attempts.get(key)
         if children is None:
-            children = self._attempts[key] = (
+            children = self._attempts[key] = counted(
                 self.upstream_requests.labels(direction, route, backend, str(code), flags or NO_FLAGS),
                 self.upstream_duration.labels(direction, route, backend),
             )
-        count, duration = children
-        count.inc()
-        duration.observe(seconds)
+        children(seconds)
 
     def tcp(self, direction: str, service: str, peer: Workload | None, mtls: bool, sent: int, received: int,
             flags: str = NO_FLAGS) -> None:
@@ -110,6 +107,26 @@ class ProxyMetrics:
     def invalid(self, direction: str, code: int) -> None:
         """A request too malformed to route: the sidecar answered `code` itself."""
         self.observe(Outcome(direction, "invalid", "none", UNKNOWN, code, DOWNSTREAM_PROTOCOL_ERROR))
+
+
+def counted(count: Counter, duration: Histogram) -> Callable[[float], None]:
+    """`count.inc(); duration.observe(seconds)` for two label children, at half the cost: straight
+    to their value objects, as `inc` and `observe` end up doing, without re-checking on every call
+    what cannot change for a child (it is observable, no exemplar). Twice per request (the outcome
+    and its attempt), this is ~1.6 µs of the lean engine's ~15 (tests/unit/proxy/test_lean_speed.py).
+    The attributes are prometheus_client's own, not its API: tests/unit/telemetry/test_telemetry_counted.py
+    fails if they change."""
+    add = count._value.inc
+    add_sum = duration._sum.inc
+    bounds = duration._upper_bounds
+    buckets = [bucket.inc for bucket in duration._buckets]  # per bucket, not cumulative
+
+    def record(seconds: float) -> None:
+        add(1)
+        add_sum(seconds)
+        buckets[bisect_left(bounds, seconds)](1)  # the first bound >= seconds (the last is +Inf)
+
+    return record
 
 
 def enable_multiprocess(directory: Path) -> None:

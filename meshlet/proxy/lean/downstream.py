@@ -29,6 +29,7 @@ from meshlet.proxy.lean.http1 import (
 )
 from meshlet.proxy.lean.relay import relay_to
 from meshlet.proxy.origdst import original_destination_of
+from meshlet.telemetry.outcome import UPSTREAM_CONNECT_FAILURE
 
 if TYPE_CHECKING:
     from meshlet.proxy.lean.engine import LeanEngine
@@ -134,6 +135,7 @@ class Downstream(asyncio.Protocol):
             engine.mtls_metrics.handshake("inbound", verdict.result)
             log.info("inbound mTLS peer %s refused: %s", self.peer_ip, verdict.detail)
             self.transport.abort()
+            engine.refused()
             return False
         self.identity = verdict.identity
         if self.transport.get_extra_info("ssl_object").session_reused:
@@ -201,8 +203,10 @@ class Downstream(asyncio.Protocol):
         self.engine.spawn(self._relay(destination))
 
     async def _relay(self, destination: tuple[str, int]) -> None:
-        if not await relay_to(self.transport, destination, self.take_pending, self.engine.relays):
+        closed = self.engine.relay_closed(self.direction)
+        if not await relay_to(self.transport, destination, self.take_pending, self.engine.relays, done=closed):
             self.transport.close()
+            closed(0, 0, UPSTREAM_CONNECT_FAILURE)
 
     def become_h2(self, first: bytes = b"", upgrade: tuple[bytes, Any] | None = None) -> None:
         """Hand the connection to the HTTP/2 framing (h2c preface, ALPN `h2`, or `Upgrade: h2c`)."""

@@ -7,6 +7,9 @@ and a handshake, plaintext gets none, and the policy's mTLS mode refuses either 
 is answered. A once-a-second sweep enforces the header-read and idle timeouts without a timer
 per request. SIGTERM drains: listeners close, idle keep-alive connections close, responses in
 flight carry `Connection: close`.
+
+What refusals and relays tell telemetry passes through here (`refused`, `relay_closed`): metrics,
+and the access log when `--access-log` opened one.
 """
 
 from __future__ import annotations
@@ -16,19 +19,23 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from meshlet.mtls.inbound import inbound_mtls
 from meshlet.policy.model import Address, Backend
+from meshlet.proxy import peermeta
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError
+from meshlet.proxy.inbound import INBOUND_ROUTE, REFUSED_BACKEND
 from meshlet.proxy.lean.downstream import Downstream
 from meshlet.proxy.lean.upstream import UpstreamPool
 from meshlet.proxy.listen import bind_listeners, is_loopback
 from meshlet.proxy.state import PolicyState
 from meshlet.proxy.tap import TapHub
+from meshlet.telemetry.accesslog import AccessLog
 from meshlet.telemetry.mtls import MtlsMetrics
+from meshlet.telemetry.outcome import NO_FLAGS, UNAUTHORIZED, UNKNOWN, Outcome, Workload
 from meshlet.telemetry.proxy import ProxyMetrics
 
 if TYPE_CHECKING:  # mTLS parts load only with --identity: cryptography is ~15 MiB of a worker's RSS
@@ -57,7 +64,7 @@ class LeanEngine:
 
             source = identity_source(config)  # IdentityError: the CLI says it in one line
             if source is not None:
-                self.identity = LeanIdentity(source, self.mtls_metrics)
+                self.identity = LeanIdentity(source, self.mtls_metrics, metrics.me)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.pool: UpstreamPool = None  # type: ignore[assignment]
         self.connections: set[Downstream] = set()
@@ -71,6 +78,11 @@ class LeanEngine:
         self._inbound: list[socket.socket] = []
         self.workload_labels = dict(config.workload_labels)
         self._sweeper: asyncio.Task | None = None
+        self.access_log: AccessLog | None = None
+        self.labels_peers = metrics.istio is not None  # only Istio's labels name the other side of a hop
+        self._metadata: dict[str, bytes] = {}  # service -> this workload's peer metadata naming it
+        self._declared: dict[int, tuple[Backend, Workload]] = {}  # of the table in `_declared_table`
+        self._declared_table: object = None
 
     # --- Engine ------------------------------------------------------------------------------
     def _bind(self, address: Address) -> list[socket.socket]:
@@ -83,6 +95,10 @@ class LeanEngine:
 
     async def start(self) -> tuple[str, str]:
         self.loop = asyncio.get_running_loop()
+        try:
+            self.access_log = AccessLog.open(self.config.access_log)
+        except OSError as e:
+            raise StartupError(str(e)) from None
         if self.identity is not None:
             from meshlet.mtls.errors import IdentityError
 
@@ -147,6 +163,9 @@ class LeanEngine:
         if self.pool is not None:
             self.pool.close()
         await asyncio.sleep(0)  # let the transports' connection_lost callbacks run
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
 
     # --- what exchanges ask -------------------------------------------------------------------
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task:
@@ -164,6 +183,47 @@ class LeanEngine:
     def is_own_address(self, destination: tuple[str, int]) -> bool:
         """A passthrough back into this sidecar would loop."""
         return destination[1] in self.own_ports and is_loopback(destination[0])
+
+    # --- what refusals and relays tell telemetry (requests: Request.finish) -----------------------
+    def refused(self) -> None:
+        """An inbound connection refused before any request could be read (the mTLS mode, a failed
+        handshake, a certificate without a mesh identity): one 403 UAEX, as a refused request."""
+        outcome = Outcome("inbound", INBOUND_ROUTE, REFUSED_BACKEND, UNKNOWN, 403, UNAUTHORIZED, start=time.time())
+        self.metrics.observe(outcome)
+        if self.access_log is not None:
+            self.access_log.write(outcome)
+
+    def relay_closed(self, direction: str, service: str = UNKNOWN, peer: Workload | None = None,
+                     mtls: bool = False) -> Callable[..., None]:
+        """What an L4 relay calls with its bytes each way (from the client, to it) once closed, or with
+        0, 0 and a response flag when it never opened: istio_tcp_*."""
+        tcp = self.metrics.tcp
+
+        def closed(received: int, sent: int, flags: str = NO_FLAGS) -> None:
+            tcp(direction, service, peer, mtls, sent, received, flags)
+
+        return closed
+
+    def declared(self, backend: Backend) -> Workload:
+        """What a policy backend declares it is (meshlet.proxy.peermeta.declared), built once per
+        backend of the running table: the peer of a hop that brought no metadata."""
+        table = self.state.table
+        if table is not self._declared_table:
+            self._declared_table, self._declared = table, {}
+        known = self._declared.get(id(backend))
+        if known is None or known[0] is not backend:
+            known = self._declared[id(backend)] = (backend, peermeta.declared(backend))
+        return known[1]
+
+    def metadata_value(self, service: str = "") -> bytes:
+        """This workload's x-meshlet-peer-metadata (naming the `service` a request was routed by)."""
+        value = self._metadata.get(service)
+        if value is None:
+            value = self._metadata[service] = peermeta.encode(self.metrics.me, service)
+        return value
+
+    def metadata_line(self, service: str = "") -> bytes:
+        return b"%s: %s\r\n" % (peermeta.HEADER, self.metadata_value(service))
 
     # --- inbound: accept, peek, then the transport the first byte asks for ----------------------
     def _accept_inbound(self, listener: socket.socket) -> None:
@@ -198,13 +258,18 @@ class LeanEngine:
         if (mode == "STRICT" and not is_tls) or (mode == "DISABLE" and is_tls) or (is_tls and no_certificate):
             log.info("inbound connection refused: %s on a %s port", "TLS" if is_tls else "plaintext", mode)
             _close_quietly(sock)
+            self.refused()
             return
         factory = lambda: Downstream(self, "inbound")  # noqa: E731
         if is_tls:
-            assert self.identity is not None
-            self.spawn(self.identity.accept(sock, factory, self.config.header_timeout))
+            self.spawn(self._tls(sock, factory))
         else:
             self.spawn(self._plain(sock, factory))
+
+    async def _tls(self, sock: socket.socket, factory) -> None:
+        assert self.identity is not None
+        if not await self.identity.accept(sock, factory, self.config.header_timeout):
+            self.refused()
 
     async def _plain(self, sock: socket.socket, factory) -> None:
         try:

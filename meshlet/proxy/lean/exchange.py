@@ -30,7 +30,16 @@ from meshlet.proxy.lean.http1 import (
 from meshlet.proxy.lean.relay import relay_to, splice
 from meshlet.proxy.lean.request import Request, new_request_id, parse_authority, split_target
 from meshlet.proxy.lean.upstream import PoolKey, Upstream
+from meshlet.proxy.peermeta import HEADER as PEER_METADATA
 from meshlet.routing.attempts import status_conditions
+from meshlet.telemetry.outcome import (
+    DOWNSTREAM_DISCONNECT,
+    DOWNSTREAM_PROTOCOL_ERROR,
+    RETRIES_EXHAUSTED,
+    UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_CONNECTION_TERMINATION,
+    UPSTREAM_TIMEOUT,
+)
 
 if TYPE_CHECKING:
     from meshlet.proxy.lean.downstream import Downstream
@@ -39,13 +48,16 @@ MAX_BACKLOG = 64 * 1024  # request body held while connecting before the client 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 # Request fields the exchange looks at (the rest pass through untouched, in order).
-_HOST, _LENGTH, _TE, _CONNECTION, _EXPECT, _REQUEST_ID, _IDENTITY, _UPGRADE, _HOP, _CALLER = range(10)
+_HOST, _LENGTH, _TE, _CONNECTION, _EXPECT, _REQUEST_ID, _IDENTITY, _UPGRADE, _HOP, _CALLER, _META = range(11)
 _SPECIAL = {
     b"host": _HOST, b"content-length": _LENGTH, b"transfer-encoding": _TE, b"connection": _CONNECTION,
     b"expect": _EXPECT, b"x-request-id": _REQUEST_ID, PEER_IDENTITY_HEADER.encode(): _IDENTITY,
     b"upgrade": _UPGRADE, **{name.encode(): _CALLER for name in CALLER_ADDRESS_HEADERS},
     **{name: _HOP for name in HOP_BY_HOP - {b"transfer-encoding", b"connection", b"upgrade"}},
+    PEER_METADATA: _META,
 }
+# Response fields never passed on: hop-by-hop ones, and the peer's metadata (read, then dropped).
+_DROPPED = HOP_BY_HOP | {PEER_METADATA}
 _NO_BODY_STATUS = frozenset((204, 304))
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))  # names no other field
 
@@ -86,12 +98,14 @@ class Exchange(Request):
         te = None
         connection = None
         request_id = None
+        metadata = None
         for name, value in self.fields:
             kind = _SPECIAL.get(name.lower())
             if kind is None:
                 lines.append(b"%s: %s\r\n" % (name, value))
             elif kind == _HOST:  # written below, from the target when it names an authority
                 if host is not None:  # RFC 9112 §3.2: which one would the backend believe?
+                    self.flags = DOWNSTREAM_PROTOCOL_ERROR
                     self.answer(400, "meshlet: malformed request: more than one Host field", close=True)
                     return
                 host = value
@@ -109,12 +123,16 @@ class Exchange(Request):
                 self.expect = value.strip().lower() == b"100-continue"
             elif kind == _CALLER and self.direction == "outbound":  # the app's own; inbound, the sidecar's
                 lines.append(b"%s: %s\r\n" % (name, value))
+            elif kind == _META:  # outbound, the app's: dropped; inbound, read (believed only with mTLS)
+                metadata = value
             # _IDENTITY: set by the sidecar only, whatever the caller sent; _UPGRADE, _HOP: hop-by-hop
         if te is not None:
             if te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":  # RFC 9112 §6.3: no framing, no request
+                self.flags = DOWNSTREAM_PROTOCOL_ERROR
                 self.answer(400, "meshlet: malformed request: Transfer-Encoding must end in chunked", close=True)
                 return
             if te.strip().lower() != b"chunked":  # RFC 9112 §6.1: a coding we would have to undo
+                self.flags = DOWNSTREAM_PROTOCOL_ERROR
                 self.answer(501, f"meshlet: transfer coding {te.decode('latin-1')!r} is not supported; "
                             "send chunked or Content-Length", close=True)
                 return
@@ -143,7 +161,7 @@ class Exchange(Request):
         if self.upgrade and self._field(b"upgrade").strip().lower() == b"h2c":
             self.upgrade = False  # with a body it stays HTTP/1.1 (RFC 9113 lets a server ignore it)
         if self.direction == "inbound":
-            if not self._authorize():
+            if not self._authorize(metadata):
                 return
             if self.peer_identity:
                 lines.append(b"%s: %s\r\n" % (PEER_IDENTITY_HEADER.encode(), self.peer_identity.encode()))
@@ -187,6 +205,7 @@ class Exchange(Request):
         self.service = "unknown"
         destination = parse_authority(self.authority.decode("latin-1"), 443)
         if self.direction != "outbound" or destination is None or engine.is_own_address(destination):
+            self.flags = DOWNSTREAM_PROTOCOL_ERROR
             self.answer(400, "meshlet: CONNECT needs host:port of another server, on the outbound listener",
                         close=True)
             return
@@ -197,13 +216,14 @@ class Exchange(Request):
         downstream = self.downstream
         engine = downstream.engine
         ok = await relay_to(downstream.transport, destination, downstream.take_pending, engine.relays,
-                            CONNECT_ESTABLISHED)
+                            CONNECT_ESTABLISHED, engine.relay_closed("outbound"))
         if ok:
             self.finish(200)
         else:
             downstream.send(local_response(503, f"meshlet: cannot connect to {destination[0]}:"
                                                            f"{destination[1]}", close=True))
             downstream.transport.close()
+            self.flags = UPSTREAM_CONNECT_FAILURE
             self.finish(503)
 
     # --- upstream connection -----------------------------------------------------------------
@@ -214,6 +234,7 @@ class Exchange(Request):
             self.answer(502, f"meshlet: backend {backend.name!r} speaks HTTP/2 only (protocol: http2); "
                         "this sidecar relays HTTP/1.1 requests as HTTP/1.1: call it over HTTP/2 (h2c)")
             return
+        self.attempt_begins(key)
         if key[2] == ():  # a mesh backend, and this sidecar has no identity
             self._failed("connect-failure", 503, "it needs mesh mTLS; this sidecar runs without --identity")
             return
@@ -235,7 +256,10 @@ class Exchange(Request):
     def attach(self, conn: Upstream) -> None:
         self.upstream = conn
         conn.exchange = self
-        out = [self.head]
+        head = self.head
+        if self.mesh:  # the head ends in an empty line: this sidecar's metadata goes before it
+            head = head[:-2] + self.engine.metadata_line(self.service) + b"\r\n"
+        out = [head]
         if self.backlog:
             out += [chunk(piece) for piece in self.backlog] if self.chunked else self.backlog
             self.backlog = []
@@ -251,6 +275,7 @@ class Exchange(Request):
     def request_body(self, data: bytes) -> None:
         if self.finished:
             return
+        self.bytes_in += len(data)
         self.keep(data)
         conn = self.upstream
         if conn is not None and not self.retrying:
@@ -280,10 +305,15 @@ class Exchange(Request):
             if status != 100 and not self.http10:  # 100: answered ourselves (Expect)
                 downstream.send(self._response_head(status, reason, headers, interim=True))
             return
-        if status >= 500 and self._may_retry(status_conditions(status)):
-            self.retrying = True  # its body is read and dropped; the next attempt follows
-            self.status = status
-            return
+        if status >= 500:
+            conditions = status_conditions(status)
+            if self._may_retry(conditions):
+                self.retrying = True  # its body is read and dropped; the next attempt follows
+                self.status = status
+                self.attempt_done(status)
+                return
+            if self._exhausted(conditions):
+                self.flags = RETRIES_EXHAUSTED
         self.status = status
         self.response_started = True
         downstream.send(self._response_head(status, reason, headers))
@@ -297,10 +327,12 @@ class Exchange(Request):
         connection = None
         for name, value in headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP:
+            if lname in _DROPPED:
                 chunked = chunked or lname == b"transfer-encoding"
                 if lname == b"connection":
                     connection = value if connection is None else connection + b"," + value
+                elif lname == PEER_METADATA and self.upstream is not None:
+                    self.peer_answered(value, self.upstream.principal)
                 continue
             if lname == b"content-length":
                 has_length = True
@@ -309,6 +341,8 @@ class Exchange(Request):
             lines = _without_listed(lines, connection)
         if interim:
             return b"".join(lines) + b"\r\n"
+        if self.direction == "inbound" and self.downstream.identity is not None:
+            lines.append(self.engine.metadata_line())  # a verified caller learns who answered
         if status == 101:
             lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % field_value(headers, b"upgrade"))
             return b"".join(lines) + b"\r\n"
@@ -331,6 +365,7 @@ class Exchange(Request):
     def response_body(self, data: bytes) -> None:
         if self.retrying or self.finished:
             return
+        self.bytes_out += len(data)
         self.downstream.send(chunk(data) if self.rechunk else data)
 
     def response_complete(self, conn: Upstream, keep_alive: bool) -> None:
@@ -364,7 +399,8 @@ class Exchange(Request):
         downstream = self.downstream
         downstream.detach()
         engine = downstream.engine
-        splice(downstream.transport, conn.transport, engine.relays, downstream.take_pending(), rest)  # type: ignore[arg-type]
+        closed = engine.relay_closed(self.direction, self.service, self.other_side(), downstream.identity is not None)
+        splice(downstream.transport, conn.transport, engine.relays, downstream.take_pending(), rest, closed)  # type: ignore[arg-type]
         self.finish(101)
 
     def upstream_failed(self, conn: Upstream, condition: str, detail: str) -> None:
@@ -375,7 +411,7 @@ class Exchange(Request):
         if self.response_started:  # too late to answer: cut the client off, as the backend cut us
             self.close_after = True
             self.downstream.abort()
-            self.finish(self.status)
+            self._cut(UPSTREAM_CONNECTION_TERMINATION, self.response_started)
             return
         if conn.used and not self.stale_retried and self.history is not None and not self.retrying:
             self.stale_retried = True  # a pooled connection the backend had closed: once more, fresh
@@ -386,12 +422,13 @@ class Exchange(Request):
         self._failed(condition, 502, detail)
 
     def _failed(self, condition: str, status: int, detail: str) -> None:
+        self.attempt_failed(condition)
         if self._may_retry((condition,)):
             self._retry()
             return
         if self.status >= 500:  # retries exhausted on 5xx answers: the client gets a 502 saying so
             detail = f"{detail}; last answer {self.status}"
-        self._give_up(status, detail)
+        self._give_up(condition, status, detail)
 
     def timed_out(self) -> None:
         if self.finished:
@@ -400,8 +437,10 @@ class Exchange(Request):
         if self.response_started:
             self.close_after = True
             self.downstream.abort()
-            self.finish(self.status)
+            self._cut(UPSTREAM_TIMEOUT, self.response_started)
             return
+        self.attempt_done(0, UPSTREAM_TIMEOUT)
+        self.flags = UPSTREAM_TIMEOUT
         route = self.route
         self.answer(504, f"meshlet: route {self.route_name!r} timed out after {route.timeout if route else 0:g}s")
 
@@ -410,7 +449,9 @@ class Exchange(Request):
         """A response the sidecar makes itself."""
         self.close_after = close = close or not self.keep_alive or not self.request_done or \
             self.downstream.engine.draining
-        self.downstream.send(local_response(status, message, close))
+        response = local_response(status, message, close)
+        self.bytes_out += len(message.encode("utf-8", "replace")) + 1  # the body of local_response
+        self.downstream.send(response)
         self.finish(status)
 
     def client_lost(self) -> None:
@@ -418,7 +459,7 @@ class Exchange(Request):
         if self.finished:
             return
         self._drop_upstream()
-        self.finish(0, notify=False)
+        self._cut(DOWNSTREAM_DISCONNECT, self.response_started, notify=False)
 
     def request_broken(self, status: int, message: str) -> None:
         """The request body broke its framing (a bad chunk size): the backend has at most part of a
@@ -431,8 +472,10 @@ class Exchange(Request):
         if self.response_started:
             self.close_after = True
             self.downstream.abort()
-            self.finish(self.status)
+            self._cut(DOWNSTREAM_PROTOCOL_ERROR, self.response_started)
             return
+        self.attempt_done(0, DOWNSTREAM_PROTOCOL_ERROR)
+        self.flags = DOWNSTREAM_PROTOCOL_ERROR
         self.answer(status, message, close=True)
 
     def _drop_upstream(self) -> None:

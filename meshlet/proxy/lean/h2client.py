@@ -43,6 +43,7 @@ class H2Upstream(H2Endpoint):
         self.going_away = False
         self.lost = False
         self.idle_since = 0.0
+        self.principal = ""  # mesh mTLS: the SPIFFE ID the backend's certificate proved
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

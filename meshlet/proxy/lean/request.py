@@ -1,15 +1,20 @@
 """What every request on the lean engine shares, whatever its framing (HTTP/1.1 or an HTTP/2
 stream): routing by the running table, inbound authorization, which backend each attempt goes
-to, the retry rules, and the one record of its outcome (metrics and tap).
+to, the retry rules, and the records of what happened: one per upstream attempt, against the
+backend that made it, and one `Outcome` of the request as its client saw it (metrics, access
+log, tap).
 
 The framings (meshlet.proxy.lean.exchange, meshlet.proxy.lean.stream) subclass `Request`; they
 call `answer` for what the sidecar says itself and `finish` once, when the client has its answer.
+Before either they set `flags` (Envoy's response flags) when the request ended badly, and they
+close each attempt that ended other than with its response (`attempt_done`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from functools import lru_cache
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
@@ -19,17 +24,31 @@ from meshlet.proxy.inbound import APP_BACKEND, INBOUND_ROUTE, REFUSED_BACKEND
 from meshlet.proxy.lean.http1 import Header
 from meshlet.proxy.lean.upstream import ConnectFailed, PoolKey
 from meshlet.proxy.lean.views import CookieView, HeaderView
+from meshlet.proxy.peermeta import decode, trusted
 from meshlet.proxy.tap import TapRecord
 from meshlet.routing import Decision, RequestView, Unmatched, decide
 from meshlet.routing.attempts import attempts_for, candidates
 from meshlet.routing.hosts import host_key
-from meshlet.telemetry.outcome import Outcome
+from meshlet.telemetry.outcome import (
+    NO_FLAGS,
+    NO_ROUTE,
+    RETRIES_EXHAUSTED,
+    UNAUTHORIZED,
+    UNKNOWN,
+    UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_CONNECTION_TERMINATION,
+    Outcome,
+    Workload,
+    with_flag,
+)
 
 if TYPE_CHECKING:
     from meshlet.proxy.lean.engine import LeanEngine
 
 
 MAX_REPLAY = 64 * 1024  # request body kept for a retry; a larger body is sent once
+# The response flag of each failure condition an attempt can end with.
+FAILURE_FLAGS = {"connect-failure": UPSTREAM_CONNECT_FAILURE, "reset": UPSTREAM_CONNECTION_TERMINATION}
 
 
 def new_request_id() -> bytes:
@@ -38,6 +57,14 @@ def new_request_id() -> bytes:
     return b"%08x-%04x-4%03x-%04x-%012x" % (
         b >> 96, (b >> 80) & 0xFFFF, (b >> 64) & 0xFFF, ((b >> 48) & 0x3FFF) | 0x8000, b & 0xFFFFFFFFFFFF,
     )
+
+
+@lru_cache(maxsize=1024)
+def believed(metadata: bytes, principal: str) -> tuple[Workload, str]:
+    """(peer, service) as a verified peer's x-meshlet-peer-metadata says (peermeta.trusted): decoded
+    once per value and principal, since a peer sends the same on every request (~7 µs each time
+    otherwise). The Workload is shared: read it, never change it."""
+    return trusted(decode(metadata) if metadata else None, principal)
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
@@ -71,10 +98,12 @@ class Request:
     `fields` its header fields with lower-case names for HTTP/2 and as sent for HTTP/1.1."""
 
     __slots__ = (
-        "attempt", "authority", "backend", "backends", "backlog", "connecting", "decision", "destination",
-        "direction", "downstream", "fields", "finished", "grpc_status", "history", "method", "path", "peer_identity",
-        "request_id", "route", "route_name", "service", "started", "status", "timer",
+        "attempt", "attempt_started", "authority", "backend", "backends", "backlog", "bytes_in", "bytes_out",
+        "connecting", "decision", "destination", "direction", "downstream", "fields", "finished", "flags",
+        "grpc_status", "history", "mesh", "method", "path", "peer", "peer_identity", "request_id", "route",
+        "route_name", "service", "started", "status", "timer", "upstream_host",
     )
+    protocol = "HTTP/1.1"  # as the access log names it (the HTTP/2 framing overrides it)
 
     def __init__(self, downstream: Any, method: bytes, fields: list[Header]) -> None:
         self.downstream = downstream
@@ -98,6 +127,12 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
         self.status = 0
         self.grpc_status = -1  # a gRPC call's status, once known
+        self.flags = NO_FLAGS  # Envoy's response flags of the outcome, set where it goes wrong
+        self.bytes_in = self.bytes_out = 0  # body bytes from the client, and to it
+        self.attempt_started = 0.0  # perf_counter() when the attempt in flight began; 0: none
+        self.upstream_host: PoolKey | None = None  # of the last attempt
+        self.mesh = False  # the attempt in flight is mesh mTLS (peer metadata goes both ways)
+        self.peer: Workload | None = None  # the other side of the hop, once known
 
     @property
     def engine(self) -> LeanEngine:
@@ -137,6 +172,7 @@ class Request:
         raise NotImplementedError
 
     def _failed(self, condition: str, status: int, detail: str) -> None:
+        """The attempt in flight failed before any response (`condition`: connect-failure, reset)."""
         raise NotImplementedError
 
     def _retry(self) -> None:
@@ -145,9 +181,48 @@ class Request:
         self.backlog = list(self.history or ())
         self.dispatch()
 
-    def _give_up(self, status: int, detail: str) -> None:
+    def _give_up(self, condition: str, status: int, detail: str) -> None:
+        self.flags = FAILURE_FLAGS.get(condition, NO_FLAGS)
+        if self._exhausted((condition,)):
+            self.flags = with_flag(self.flags, RETRIES_EXHAUSTED)
         what = "unavailable" if status == 503 else "failed"
         self.answer(status, f"meshlet: backend {self.backend!r} {what}: {detail}")
+
+    # --- attempts ----------------------------------------------------------------------------
+    def attempt_begins(self, key: PoolKey) -> None:
+        """An attempt goes to `key` (a stale pooled connection tried again is the same attempt)."""
+        if not self.attempt_started:
+            self.attempt_started = time.perf_counter()
+        self.upstream_host = key
+        self.mesh = key[2] is not None
+
+    def attempt_done(self, code: int, flags: str = NO_FLAGS) -> None:
+        """The attempt in flight ended: counted against its own backend, so a canary's 5xx that a
+        retry hides from the client still counts against the canary. `code` 0: no answer."""
+        started = self.attempt_started
+        if started:
+            self.attempt_started = 0.0
+            self.downstream.engine.metrics.attempt(self.direction, self.route_name, self.backend, code, flags,
+                                                   time.perf_counter() - started)
+
+    def attempt_failed(self, condition: str) -> None:
+        self.attempt_done(0, FAILURE_FLAGS.get(condition, NO_FLAGS))
+
+    def _cut(self, flag: str, began: bool, notify: bool = True) -> None:
+        """The request ends without (the rest of) its response: the attempt in flight and the outcome
+        get `flag`, and the status of the response if it `began`, else 0 (none reached the client)."""
+        status = self.status if began else 0
+        self.attempt_done(status, flag)
+        self.flags = flag
+        self.finish(status, notify)
+
+    def _exhausted(self, conditions: tuple[str, ...]) -> bool:
+        """The route retries on one of `conditions`, and its attempts ran out (Envoy's URX)."""
+        route = self.route
+        if route is None or route.retries is None or self.history is None:
+            return False
+        method = self.method.decode("latin-1")
+        return any(1 < attempts_for(route, method, c) <= self.attempt for c in conditions)
 
     def _route(self) -> bool:
         """Outbound: the policy's decision. False when answered here."""
@@ -166,6 +241,7 @@ class Request:
         self.service = decision.policy.host
         if isinstance(decision, Unmatched):
             self.route_name = "unmatched"
+            self.flags = NO_ROUTE
             self.answer(404, f"meshlet: no route for host {view.authority!r} in the current policy")
             return False
         self.decision = decision
@@ -179,6 +255,7 @@ class Request:
         """A host no policy governs goes where it was sent: the redirected connection's original
         destination, else the authority (HTTP_PROXY and Host-header clients)."""
         engine = self.downstream.engine
+        self.flags = NO_ROUTE  # for the refusals below; cleared when it goes on
         if engine.config.strict_hosts:
             self.answer(404, f"meshlet: no policy governs host {authority!r} (--strict-hosts)")
             return False
@@ -189,17 +266,21 @@ class Request:
         if engine.is_own_address(destination):
             self.answer(400, f"meshlet: refusing a request addressed to the sidecar itself ({authority})")
             return False
+        self.flags = NO_FLAGS
         self.destination = destination
         return True
 
-    def _authorize(self) -> bool:
+    def _authorize(self, metadata: bytes | None) -> bool:
         """Inbound: the caller's mesh identity against this workload's mTLS mode and allow list
         (a refusal is a 403 counted with backend `none`). The framing passes a verified identity
-        on in PEER_IDENTITY_HEADER (`peer_identity`) and the caller's address in x-forwarded-for."""
+        on in PEER_IDENTITY_HEADER (`peer_identity`) and the caller's address in x-forwarded-for.
+        `metadata` is the caller's x-meshlet-peer-metadata, believed only with a verified identity."""
         downstream = self.downstream
         mtls = inbound_mtls(downstream.engine.state.table.policies, downstream.engine.workload_labels)
         identity = downstream.identity
-        self.route_name, self.backend, self.service = INBOUND_ROUTE, APP_BACKEND, APP_BACKEND
+        self.route_name, self.backend, self.service = INBOUND_ROUTE, APP_BACKEND, UNKNOWN
+        if identity is not None:
+            self.peer, self.service = believed(metadata or b"", identity)
         if identity is None and mtls.mode == "STRICT":  # plaintext accepted before the policy became STRICT
             refusal = "mTLS required"
         elif identity is not None and mtls.allow and identity not in mtls.allow:
@@ -207,6 +288,7 @@ class Request:
         else:
             return True
         self.backend = REFUSED_BACKEND
+        self.flags = UNAUTHORIZED
         self.answer(403, f"meshlet: {refusal}")
         return False
 
@@ -244,22 +326,64 @@ class Request:
         if route is not None and route.timeout is not None:
             self.timer = self.engine.loop.call_later(route.timeout, on_timeout)
 
+    def peer_answered(self, metadata: bytes, principal: str) -> None:
+        """Outbound: the x-meshlet-peer-metadata of a mesh-mTLS attempt's response, believed as far
+        as `principal` (the SPIFFE ID its certificate proved) vouches for it. Without one, the
+        backend's declaration stands (`other_side`)."""
+        if self.mesh:
+            self.peer = believed(metadata, principal)[0]
+
+    def other_side(self) -> Workload | None:
+        """The peer of this hop: what its metadata or certificate said, else what the last
+        attempt's backend declares (None: nothing known)."""
+        backends = self.backends
+        if self.peer is None and backends:
+            return self.downstream.engine.declared(backends[(self.attempt - 1) % len(backends)])
+        return self.peer
+
     def finish(self, code: int, notify: bool = True) -> None:
+        """The client has its answer (`code`; 0: none reached it): the one record of the request.
+        Its text (method, authority, path, ids, the upstream host) is decoded only for a reader of
+        it, the access log or a tap: metrics need none of it."""
         self.finished = True
         if self.timer is not None:
             self.timer.cancel()
         downstream = self.downstream
         engine = downstream.engine
-        seconds = time.perf_counter() - self.started
-        engine.metrics.observe(Outcome(self.direction, self.route_name, self.backend, self.service, code,
-                                       seconds=seconds, grpc_status=self.grpc_status))
-        if engine.tap.active:
-            engine.tap.publish(TapRecord(
-                time.time() - seconds, self.direction, self.method.decode("latin-1"),
-                self.authority.decode("latin-1"), self.path.decode("latin-1"), self.route_name, self.backend,
-                code, seconds, self.peer_identity, self.request_id.decode("latin-1"),
-            ))
+        metrics = engine.metrics
+        now = time.perf_counter()
+        started = self.attempt_started
+        if started:  # the attempt whose response the client got (attempt_done, inlined: every request)
+            self.attempt_started = 0.0
+            metrics.attempt(self.direction, self.route_name, self.backend, self.status, NO_FLAGS, now - started)
+        outcome = Outcome(
+            self.direction, self.route_name, self.backend, self.service, code, self.flags, now - self.started, 0.0,
+            "", "", "", self.protocol, self.grpc_status, self.bytes_in, self.bytes_out, "", "", self.peer_identity,
+            self.other_side() if engine.labels_peers else self.peer, downstream.identity is not None,
+        )
+        metrics.observe(outcome)
+        log = engine.access_log
+        if log is not None or engine.tap.active:
+            self._describe(outcome)
+            if log is not None:
+                log.write(outcome)
+            if engine.tap.active:
+                engine.tap.publish(TapRecord(
+                    outcome.start, outcome.direction, outcome.method, outcome.authority, outcome.path, outcome.route,
+                    outcome.backend, code, outcome.seconds, outcome.peer_identity, outcome.request_id,
+                ))
         if notify:
             downstream.exchange_done(self)
+
+    def _describe(self, outcome: Outcome) -> None:
+        """The request's text in its outcome, for the access log and tap."""
+        outcome.start = time.time() - outcome.seconds
+        outcome.method = self.method.decode("latin-1")
+        outcome.authority = self.authority.decode("latin-1")
+        outcome.path = self.path.decode("latin-1")
+        outcome.request_id = self.request_id.decode("latin-1")
+        host = self.upstream_host
+        if host is not None:
+            outcome.upstream_host = f"[{host[0]}]:{host[1]}" if ":" in host[0] else f"{host[0]}:{host[1]}"
 
 

@@ -22,7 +22,14 @@ from meshlet.proxy.inbound import CALLER_ADDRESS_HEADERS
 from meshlet.proxy.lean.http1 import HOP_BY_HOP, LAST_CHUNK, Header, chunk, field_value
 from meshlet.proxy.lean.request import Request, new_request_id
 from meshlet.proxy.lean.upstream import PoolKey, Upstream
+from meshlet.proxy.peermeta import HEADER as PEER_METADATA
 from meshlet.routing.attempts import grpc_conditions, status_conditions
+from meshlet.telemetry.outcome import (
+    DOWNSTREAM_DISCONNECT,
+    RETRIES_EXHAUSTED,
+    UPSTREAM_CONNECTION_TERMINATION,
+    UPSTREAM_TIMEOUT,
+)
 
 if TYPE_CHECKING:
     from meshlet.proxy.lean.h2client import H2Upstream
@@ -34,7 +41,8 @@ HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 50
 GRPC_UNKNOWN = 2
 _IDENTITY = PEER_IDENTITY_HEADER.encode()
 # HTTP/2 allows TE only as `te: trailers`, which gRPC requires end to end (RFC 9113 §8.2.2).
-_NOT_FORWARDED = (HOP_BY_HOP - {b"te"}) | {b"host", b"http2-settings", _IDENTITY}
+_NOT_FORWARDED = (HOP_BY_HOP - {b"te"}) | {b"host", b"http2-settings", _IDENTITY, PEER_METADATA}
+_DROPPED = HOP_BY_HOP | {PEER_METADATA}  # response fields never passed on (the peer's metadata is read)
 _CALLER = frozenset(name.encode() for name in CALLER_ADDRESS_HEADERS)  # inbound: only the sidecar's
 
 
@@ -44,6 +52,7 @@ def grpc_message(text: str) -> bytes:
 
 
 class H2Exchange(Request):
+    protocol = "HTTP/2"
     __slots__ = (
         "chunked", "grpc", "h1", "headers_sent", "owed_client", "owed_upstream",
         "request_done", "request_trailers_", "stream_id", "up_fields", "up_stream", "upstream",
@@ -98,7 +107,8 @@ class H2Exchange(Request):
             self.answer(405, "meshlet: CONNECT over HTTP/2 is not supported")
             return
         if self.direction == "inbound":
-            if not self._authorize():
+            verified = self.downstream.identity is not None
+            if not self._authorize(field_value(self.fields, PEER_METADATA) if verified else None):
                 return
             self.destination = self.downstream.inbound_target
         elif not self._route():
@@ -123,6 +133,7 @@ class H2Exchange(Request):
     def dispatch(self) -> None:
         h2 = self._wants_h2()
         key, tls = self._pool_key(h2)
+        self.attempt_begins(key)
         if key[2] == ():
             self._failed("connect-failure", 503, "it needs mesh mTLS; this sidecar runs without --identity")
             return
@@ -169,6 +180,8 @@ class H2Exchange(Request):
             (b":method", self.method), (b":scheme", b"https" if secure else b"http"),
             (b":authority", self.authority), (b":path", self.path), *self.up_fields,
         ]
+        if self.mesh:
+            headers.append((PEER_METADATA, self.engine.metadata_value(self.service)))
         body, self.backlog = b"".join(self.backlog), []
         trailers = self.request_trailers_
         self.up_stream = conn.open(self, headers, self.request_done and not body and trailers is None)
@@ -183,6 +196,7 @@ class H2Exchange(Request):
         if self.finished:
             self.downstream.acknowledge(self.stream_id, flow_length)
             return
+        self.bytes_in += len(data)
         self.keep(data)
         self.owed_client += flow_length
         conn = self.upstream
@@ -239,16 +253,21 @@ class H2Exchange(Request):
         if grpc_status.isdigit():
             conditions += grpc_conditions(int(grpc_status))
         if conditions and self.request_done and self._may_retry(conditions):
+            self.attempt_done(status)
             self._drop_upstream(reset=not ended)
             self.status = status
             self._retry()
             return
+        if conditions and self._exhausted(conditions):
+            self.flags = RETRIES_EXHAUSTED
         self.status = status
         self.headers_sent = True
         if grpc_status.isdigit():
             self.grpc_status = int(grpc_status)
+        if self.mesh and (metadata := field_value(headers, PEER_METADATA)):
+            self.peer_answered(metadata, conn.principal)
         downstream = self.downstream
-        downstream.send_headers(self.stream_id, [(n, v) for n, v in headers if n not in HOP_BY_HOP], ended)
+        downstream.send_headers(self.stream_id, self._answer_fields(headers), ended)
         downstream.write_out()
         if ended:
             self._drop_upstream(reset=False)
@@ -259,6 +278,7 @@ class H2Exchange(Request):
             conn.acknowledge(self.up_stream, flow_length)
             return
         downstream = self.downstream
+        self.bytes_out += len(data)
         downstream.send_body(self.stream_id, data)
         downstream.write_out()
         self.owed_upstream += flow_length
@@ -318,6 +338,8 @@ class H2Exchange(Request):
         self.upstream = conn  # type: ignore[assignment]
         conn.exchange = self  # type: ignore[assignment]
         lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (self.method, self.path, self.authority)]
+        if self.mesh:
+            lines.append(self.engine.metadata_line(self.service))
         has_length = False
         for name, value in self.up_fields:
             if name != b"te":
@@ -338,15 +360,21 @@ class H2Exchange(Request):
     def response_head(self, conn: Upstream, status: int, reason: bytes, headers: list[Header]) -> None:
         if conn is not self.upstream or self.finished or status < 200:
             return  # 1xx: HTTP/2 has no use for a relayed 100 here
-        if self.request_done and self._may_retry(status_conditions(status)):
+        conditions = status_conditions(status)
+        if self.request_done and self._may_retry(conditions):
+            self.attempt_done(status)
             self._drop_upstream(reset=False)
             self.status = status
             self._retry()
             return
+        if conditions and self._exhausted(conditions):
+            self.flags = RETRIES_EXHAUSTED
         self.status = status
         self.headers_sent = True
-        fields = [(b":status", b"%d" % status)]
-        fields += [(name.lower(), value) for name, value in headers if name.lower() not in HOP_BY_HOP]
+        fields = [(name.lower(), value) for name, value in headers]
+        if self.mesh and (metadata := field_value(fields, PEER_METADATA)):
+            self.peer_answered(metadata, conn.principal)
+        fields = [(b":status", b"%d" % status), *self._answer_fields(fields)]
         bodiless = self.method == b"HEAD" or status in (204, 304)
         self.downstream.send_headers(self.stream_id, fields, bodiless)
         self.downstream.write_out()
@@ -358,6 +386,7 @@ class H2Exchange(Request):
         if self.finished or not self.headers_sent:
             return
         downstream = self.downstream
+        self.bytes_out += len(data)
         downstream.send_body(self.stream_id, data)
         conn = self.upstream
         if downstream.waiting(self.stream_id) and conn is not None and not conn.paused:
@@ -392,15 +421,24 @@ class H2Exchange(Request):
         if self.headers_sent:  # too late to answer: end the client's stream as the backend ended ours
             self.downstream.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)
             self.downstream.write_out()
-            self.finish(self.status)
+            self._cut(UPSTREAM_CONNECTION_TERMINATION, self.headers_sent)
             return
         self._failed(condition, 502, detail)
 
     def _failed(self, condition: str, status: int, detail: str) -> None:
+        self.attempt_failed(condition)
         if self.request_done and self._may_retry((condition,)):
             self._retry()
             return
-        self._give_up(status, detail)
+        self._give_up(condition, status, detail)
+
+    def _answer_fields(self, fields: list[Header]) -> list[Header]:
+        """A response's fields for the client: hop-by-hop ones and the peer's metadata dropped; a
+        caller verified by mTLS learns, in this sidecar's own metadata, who answered."""
+        fields = [(n, v) for n, v in fields if n not in _DROPPED]
+        if self.direction == "inbound" and self.downstream.identity is not None:
+            fields.append((PEER_METADATA, self.engine.metadata_value()))
+        return fields
 
     def timed_out(self) -> None:
         if self.finished:
@@ -410,6 +448,8 @@ class H2Exchange(Request):
             self.connecting.cancel()
         timeout = self.route.timeout if self.route else 0
         message = f"meshlet: route {self.route_name!r} timed out after {timeout:g}s"
+        self.attempt_done(self.status if self.headers_sent else 0, UPSTREAM_TIMEOUT)
+        self.flags = UPSTREAM_TIMEOUT
         if not self.headers_sent:
             self.answer(504, message)
             return
@@ -429,7 +469,7 @@ class H2Exchange(Request):
             self.connecting.cancel()
         self.downstream.acknowledge(self.stream_id, self.owed_client)
         self.downstream.forget(self.stream_id)
-        self.finish(0)
+        self._cut(DOWNSTREAM_DISCONNECT, self.headers_sent)
 
     def answer(self, status: int, message: str, close: bool = False) -> None:
         """What the sidecar says itself: gRPC calls get a trailers-only gRPC status."""
@@ -448,6 +488,7 @@ class H2Exchange(Request):
                 (b"content-length", b"%d" % len(body)), (b"x-meshlet", b"local"),
             ])
             downstream.send_body(self.stream_id, body, end=True)
+            self.bytes_out += len(body)
             code = status
         if not self.request_done:  # nobody reads the rest of the request body
             downstream.acknowledge(self.stream_id, self.owed_client)

@@ -21,9 +21,10 @@ from cryptography import x509
 from meshlet.mtls.source import POLL_SECONDS, IdentitySource
 from meshlet.mtls.stdlib import client_context, server_context
 from meshlet.mtls.upstream import UpstreamTls, classify
-from meshlet.mtls.verify import Verdict, judge_identity
+from meshlet.mtls.verify import Verdict, identity_of, judge_identity
 from meshlet.policy.model import Backend
 from meshlet.telemetry.mtls import MtlsMetrics
+from meshlet.telemetry.outcome import Workload
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -33,9 +34,10 @@ class LeanIdentity:
     (an identity dir, local reissue, or the identity service: meshlet.mtls.source). Until the
     source holds a certificate the contexts are None: inbound TLS is refused, mesh backends fail."""
 
-    def __init__(self, source: IdentitySource, metrics: MtlsMetrics) -> None:
+    def __init__(self, source: IdentitySource, metrics: MtlsMetrics, me: Workload) -> None:
         self.source = source
         self.metrics = metrics
+        self.me = me  # this workload in telemetry: its principal is the certificate's SPIFFE ID
         self.server: ssl.SSLContext | None = None
         self.client: ssl.SSLContext | None = None
         self.client_h2: ssl.SSLContext | None = None
@@ -52,6 +54,7 @@ class LeanIdentity:
         self.client = client_context(identity)
         self.client_h2 = client_context(identity, ("h2",))
         self.serial = identity.serial
+        self.me.principal = identity.spiffe_id
         self.metrics.cert_expiry.set(identity.not_after.timestamp())
 
     async def start(self) -> None:
@@ -91,10 +94,10 @@ class LeanIdentity:
 
     async def accept(
         self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol], timeout: float,
-    ) -> None:
-        """The TLS handshake of an accepted inbound socket. A failure is counted by reason and
-        logged; on success the protocol judges the peer in `connection_made` (application data
-        can arrive in the same turn of the loop as the end of the handshake)."""
+    ) -> bool:
+        """The TLS handshake of an accepted inbound socket; False when it failed (counted by
+        reason and logged). On success the protocol judges the peer in `connection_made`
+        (application data can arrive in the same turn of the loop as the end of the handshake)."""
         loop = asyncio.get_running_loop()
         assert self.server is not None  # the engine refuses TLS before a certificate is held
         try:
@@ -105,11 +108,19 @@ class LeanIdentity:
             refused = classify(e)
             self.metrics.handshake("inbound", refused.result)
             log.info("inbound mTLS handshake refused: %s", refused)
+            return False
         except (OSError, TimeoutError, ConnectionError) as e:
             self.metrics.handshake("inbound", "no_cert")
             log.info("inbound mTLS handshake failed: %s", e or type(e).__name__)
             with contextlib.suppress(OSError):
                 sock.close()
+            return False
+        return True
+
+
+def spiffe_id_of(der: bytes | None) -> str:
+    """The SPIFFE ID of a certificate OpenSSL verified (and check_leaf judged), "" if none."""
+    return (identity_of(x509.load_der_x509_certificate(der)) or "") if der else ""
 
 
 def peer_verdict(transport: asyncio.BaseTransport) -> Verdict:

@@ -37,8 +37,8 @@ class Upstream(asyncio.Protocol):
     """One backend connection; serves one exchange at a time."""
 
     __slots__ = (
-        "exchange", "head_bytes", "headers", "idle_since", "key", "lost", "parser", "paused", "pool", "reason",
-        "reusable", "transport", "used",
+        "exchange", "head_bytes", "headers", "idle_since", "key", "lost", "parser", "paused", "pool", "principal",
+        "reason", "reusable", "transport", "used",
     )
 
     def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
@@ -55,6 +55,7 @@ class Upstream(asyncio.Protocol):
         self.used = False  # has served an exchange: a failure before any answer may be a stale connection
         self.reusable = False  # set by the exchange when the response ended cleanly
         self.paused = False  # reading paused while the client's write buffer drains
+        self.principal = ""  # mesh mTLS: the SPIFFE ID the backend's certificate proved
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -239,13 +240,16 @@ class UpstreamPool:
             raise ConnectFailed(f"cannot connect to {where}: {e.strerror or e}") from None
         if tls is not None:
             from meshlet.mtls.upstream import check_leaf  # only with an identity (see LeanEngine)
+            from meshlet.proxy.lean.tls import spiffe_id_of
 
             peer = transport.get_extra_info("ssl_object")
-            refused = check_leaf(peer.getpeercert(binary_form=True) if peer else None, tls.expect)
+            der = peer.getpeercert(binary_form=True) if peer else None
+            refused = check_leaf(der, tls.expect)
             tls.record(refused.result if refused else "ok")
             if refused is not None:
                 transport.close()
                 raise ConnectFailed(f"{where}: {refused}")
+            conn.principal = spiffe_id_of(der)  # type: ignore[attr-defined]
         return conn
 
     def sweep(self, now: float) -> None:

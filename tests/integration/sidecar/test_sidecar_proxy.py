@@ -450,7 +450,10 @@ def test_websocket_upgrade_passes_through_a_streamed_route(backends):
 def test_strict_hosts_and_istio_metrics(backends):
     v12 = {"v1": backends.port["v1"], "v2": backends.port["v2"]}
     extra = ("--strict-hosts", "--metrics-compat", "istio", "--workload", "frontend")
-    with run_sidecar(policy("reviews", v12, CANARY), *extra) as sidecar:
+    text = policy("reviews", v12, CANARY)
+    for name, port in v12.items():  # what each backend declares it is: its destination_version
+        text = text.replace(f'{name}: {{address: "127.0.0.1:{port}"}}', f'{name}: {{address: "127.0.0.1:{port}", version: {name}}}')
+    with run_sidecar(text, *extra) as sidecar:
         stray = get(sidecar.outbound, host=f"127.0.0.1:{backends.port['v1']}")
         assert stray.status == 404 and "no policy governs host" in stray.body
         seen = shares(load(sidecar.outbound, 100, host="reviews"))
