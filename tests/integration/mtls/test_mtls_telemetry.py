@@ -16,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from raw_backend import RawBackend
 from sidecar_support import Backends
 
-# Both engines pass these (the lean engine as wired on branch lean17); until it is merged, mitmproxy only.
-pytestmark = [pytest.mark.engines("mitmproxy"), pytest.mark.timeout(90)]
+pytestmark = pytest.mark.timeout(90)
 
 HEADER = "x-meshlet-peer-metadata"
 SERVICE = "reviews.default.svc.cluster.local"

@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 from rollout_support import backends, cli, metric, reviews, rollout_route, run_sidecar, traffic, wait_for
 
-# The mitmproxy engine counts attempts once mitm17's branch is merged (which drops this mark).
-pytestmark = [pytest.mark.engines("lean"), pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 __all__ = ["backends"]  # the module-scoped fixture
 RETRIED = "      retries: {attempts: 1, retryOn: [5xx]}\n"
 

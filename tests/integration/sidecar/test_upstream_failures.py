@@ -15,8 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_support import Backends, admin, free_port, get, policy, run_sidecar
 
-# Both engines pass these (the lean engine as wired on branch lean17); until it is merged, mitmproxy only.
-pytestmark = [pytest.mark.engines("mitmproxy"), pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 CUT_AT = 10  # body bytes a `cut` backend sends of the 1000 it announced
 

@@ -11,7 +11,6 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-import pytest
 from mesh_support import FRONTEND, REVIEWS
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_support import Backends, Sidecar, admin, run_sidecar
@@ -19,9 +18,6 @@ from sidecar_support import Backends, Sidecar, admin, run_sidecar
 from meshlet.proxy import httpserver
 from meshlet.proxy.httpserver import Reply, Request
 
-# The engines that report telemetry by the issue-17 spec: the mitmproxy engine is wired on the
-# mitm17 branch; its merge adds "mitmproxy" here.
-WIRED = pytest.mark.engines("lean")
 METADATA = "x-meshlet-peer-metadata"
 FORGED = "workload=evil;namespace=default;app=evil;version=forged;service=evil"
 FRONTEND_SIDE = {"workload": "frontend", "workload_namespace": "default", "principal": FRONTEND,

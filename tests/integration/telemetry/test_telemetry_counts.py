@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from raw_backend import RawBackend
 from sidecar_support import Backends, Client, free_port, get, run_sidecar
-from telemetry_support import WIRED, total, wait_total
+from telemetry_support import total, wait_total
 
-pytestmark = [WIRED, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 REQUESTS = "meshlet_requests_total"
 ATTEMPTS = "meshlet_upstream_requests_total"
 
@@ -49,7 +49,7 @@ def backends():
 
 
 @pytest.fixture(scope="module")
-def access_log(tmp_path_factory) -> Path:
+def access_log(tmp_path_factory, engine) -> Path:  # one file per engine: request ids repeat
     return tmp_path_factory.mktemp("telemetry") / "access.log"
 
 

@@ -17,7 +17,6 @@ from telemetry_support import (
     FRONTEND_SIDE,
     METADATA,
     REVIEWS_SIDE,
-    WIRED,
     inbound_policy,
     mesh_pair,
     samples,
@@ -27,7 +26,7 @@ from telemetry_support import (
     wait_total,
 )
 
-pytestmark = [WIRED, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 ISTIO = "istio_requests_total"
 
 

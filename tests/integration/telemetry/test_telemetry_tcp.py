@@ -8,9 +8,9 @@ import time
 
 import pytest
 from sidecar_support import Backends, run_sidecar
-from telemetry_support import WIRED, samples, start_echo, start_upgrade_echo, wait_total
+from telemetry_support import samples, start_echo, start_upgrade_echo, wait_total
 
-pytestmark = [WIRED, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 CLOSED = "istio_tcp_connections_closed_total"
 
 
