@@ -45,7 +45,8 @@ meshlet demo is running (Ctrl-C stops it).
   send        curl -s -H 'Host: reviews' http://{outbound}/
   as a proxy  curl -s -x http://{outbound} http://reviews/
   100 times   for i in $(seq 100); do curl -s -H 'Host: reviews' http://{outbound}/; done | sort | uniq -c
-  metrics     curl -s http://{admin}/metrics | grep meshlet_requests_total
+  metrics     curl -s http://{admin}/metrics | grep -E '^(meshlet|istio)_requests_total'
+  access log  one JSON line per request below (start_time, response_code, response_flags, ...)
   policy      curl -s http://{admin}/policy
   change it   .venv/bin/meshlet apply policies/ab-test.yaml --sidecar http://{admin}
               curl -s -H 'Host: reviews' -H 'x-group: beta' http://{outbound}/
@@ -67,7 +68,9 @@ async def _demo() -> int:
             except OSError as e:
                 raise CommandError(f"demo backend {name} cannot listen on 127.0.0.1:{port}: {e.strerror}") from None
         applied = compile_policy(DEMO_POLICY, 1, "demo-policy")
-        config = SidecarConfig(workload="demo")
+        # The demo shows what telemetry looks like: Istio's series too, and the access log on stdout.
+        config = SidecarConfig(workload="demo", workload_namespace="default", metrics_compat="istio",
+                               access_log="stdout")
         return await serve(config, applied, lambda addrs: print(_instructions(addrs), flush=True), RolloutOptions())
     finally:
         for server in servers:

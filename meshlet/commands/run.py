@@ -76,7 +76,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="lean engine: idle keep-alive client connections are closed after this (default 60)")
     parser.add_argument("--metrics-compat", choices=METRICS_COMPAT, default="none",
                         help="also export Istio's standard metrics (istio_requests_total, ...)")
-    parser.add_argument("--workload", default="unknown", help="this workload's name, for Istio-style labels")
+    parser.add_argument("--workload", default="unknown", metavar="NAME",
+                        help="this workload's name, in Istio-style labels and the metadata sent to mesh peers")
+    parser.add_argument("--workload-namespace", default="unknown", metavar="NS",
+                        help="this workload's namespace, in Istio-style labels and the metadata sent to mesh peers")
+    parser.add_argument("--access-log", default="off", metavar="stdout|FILE|off",
+                        help="one JSON line per request (Istio's field names) to stdout or appended to FILE "
+                             "(default off)")
     parser.add_argument("--workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
                         help="proxy processes sharing the listeners (default: CPU count)")
     parser.add_argument("--identity", type=Path, metavar="DIR",
@@ -138,6 +144,23 @@ def _workload_labels(path: Path | None) -> tuple[tuple[str, str], ...]:
         raise CommandError(f"--workload-labels {e}") from None
 
 
+def _access_log(spec: str) -> str:
+    """`stdout`, `off`, or a file this process can append to (checked now: one line, not a traceback
+    from a worker), as an absolute path (workers may not share our working directory)."""
+    if spec in ("off", "stdout"):
+        return spec
+    from meshlet.telemetry.accesslog import AccessLog
+
+    path = os.path.abspath(os.path.expanduser(spec))
+    try:
+        log = AccessLog.open(path)
+    except OSError as e:
+        raise CommandError(str(e)) from None
+    if log is not None:
+        log.close()
+    return path
+
+
 def _engine(args: argparse.Namespace) -> str:
     """Addon scripts run on mitmproxy's engine: --addon selects it, and contradicts --engine lean."""
     if not args.addon:
@@ -196,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
             metrics_compat=args.metrics_compat, workload=args.workload, identity_dir=args.identity, ca_dir=args.ca,
             identity_server=args.identity_server, identity_token=args.identity_token, trust_bundle=args.trust_bundle,
             engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
-            workload_labels=labels,
+            workload_labels=labels, workload_namespace=args.workload_namespace,
+            access_log=_access_log(args.access_log),
         )
     except ValueError as e:
         raise CommandError(str(e)) from None

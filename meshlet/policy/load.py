@@ -51,6 +51,7 @@ from meshlet.policy.reader import Reader
 from meshlet.policy.values import (
     parse_address,
     parse_duration,
+    parse_label_value,
     parse_rate,
     parse_spiffe_id,
     parse_vip,
@@ -64,7 +65,8 @@ FIELDS: dict[str, dict[str, bool]] = {
         "host": True, "dataplane": False, "backends": True, "routes": True, "mtls": False, "qos": False,
         "vip": False,
     },
-    "backend": {"address": True, "tls": False, "identity": False, "protocol": False},
+    "backend": {"address": True, "tls": False, "identity": False, "protocol": False, "workload": False,
+                "version": False},
     "route": {
         "name": True, "match": False, "to": True, "sticky": False, "timeout": False, "retries": False, "rollout": False,
     },
@@ -256,8 +258,12 @@ def _backends(r: Reader, node: yaml.Node, where: str) -> tuple[Backend, ...] | N
         tls = r.choice(fields["tls"], f"{at}.tls", BACKEND_TLS) if "tls" in fields else "none"
         identity = r.parsed(fields["identity"], f"{at}.identity", parse_spiffe_id) if "identity" in fields else None
         protocol = r.choice(fields["protocol"], f"{at}.protocol", BACKEND_PROTOCOLS) if "protocol" in fields else "auto"
+        workload = r.parsed(fields["workload"], f"{at}.workload", parse_label_value) if "workload" in fields else None
+        version = r.parsed(fields["version"], f"{at}.version", parse_label_value, ints_ok=True) \
+            if "version" in fields else None
         if address is not None and tls is not None and protocol is not None:
-            out.append(Backend(name, address, tls, identity, protocol, mark=r.mark(key_node)))
+            out.append(Backend(name, address, tls, identity, protocol, workload or None, version or None,
+                               mark=r.mark(key_node)))
     return tuple(out)
 
 

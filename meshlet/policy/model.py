@@ -76,6 +76,9 @@ class Backend:
     tls: BackendTls = "none"
     identity: str | None = None
     protocol: BackendProtocol = "auto"
+    # What the backend is, for metrics when no peer metadata says it (a backend without a sidecar).
+    workload: str | None = None
+    version: str | None = None
     mark: Mark = _mark()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from meshlet.policy.model import Address
 from meshlet.proxy.listen import is_loopback
+from meshlet.telemetry.outcome import UNKNOWN, Workload
 
 
 def parse_listen(text: str) -> Address:
@@ -58,7 +59,9 @@ class SidecarConfig:
     strict_hosts: bool = False
     drain_timeout: float = 10.0
     metrics_compat: str = "none"
-    workload: str = "unknown"
+    workload: str = "unknown"  # this workload's name and namespace in Istio-style labels and peer metadata
+    workload_namespace: str = "unknown"
+    access_log: str = "off"  # off | stdout | a file path (meshlet.telemetry.accesslog)
     identity_dir: Path | None = None
     ca_dir: Path | None = None  # local mode: reissue the identity from this CA before it expires
     identity_server: str | None = None  # `meshlet identity serve`: each process fetches its own certificate
@@ -72,6 +75,14 @@ class SidecarConfig:
 
     def __post_init__(self) -> None:
         check_admin(self.admin)
+
+    def mesh_workload(self) -> Workload:
+        """This workload as telemetry names it: app and version from the Pod's labels, as Istio reads
+        them (app.kubernetes.io/name or app, app.kubernetes.io/version or version)."""
+        labels = dict(self.workload_labels)
+        app = labels.get("app.kubernetes.io/name") or labels.get("app") or self.workload
+        version = labels.get("app.kubernetes.io/version") or labels.get("version") or UNKNOWN
+        return Workload(self.workload, self.workload_namespace, UNKNOWN, app, version)
 
     @property
     def own_ports(self) -> frozenset[int]:

@@ -47,7 +47,7 @@ async def serve(
     `rollout` is given to the process that owns the rollouts (not to `--workers` workers).
     """
     registry = CollectorRegistry()
-    metrics = ProxyMetrics(registry, config.metrics_compat, config.workload)
+    metrics = ProxyMetrics(registry, config.metrics_compat, config.mesh_workload())
     rollouts = None if rollout is None else make_rollouts(rollout, registry, registry)
     if rollouts is not None:
         applied = resume_rollouts(rollouts, applied)

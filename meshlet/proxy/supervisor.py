@@ -227,7 +227,7 @@ async def supervise(
     try:
         metrics_dir.mkdir()
         enable_multiprocess(metrics_dir)
-        metrics = ProxyMetrics(CollectorRegistry(), config.metrics_compat, config.workload)
+        metrics = ProxyMetrics(CollectorRegistry(), config.metrics_compat, config.mesh_workload())
         rollouts = None
         if rollout is not None:  # analyses read every worker's figures from the multiprocess files
             workers_metrics = MultiProcessCollector(None, path=str(metrics_dir))

@@ -21,8 +21,8 @@ Verdict = Literal["pass", "fail", "hold"]
 class Snapshot:
     """Cumulative figures for one backend of one route at one instant."""
 
-    requests: int
-    errors: int  # 5xx answers, including the sidecar's own 502/503/504
+    requests: int  # attempts sent to the backend, retries included
+    errors: int  # attempts answered 5xx or not at all (connect failure, reset, timeout)
     bucket_bounds: tuple[float, ...]  # histogram upper bounds in seconds, ascending, +Inf last
     bucket_counts: tuple[int, ...]  # cumulative counts per bound
 

@@ -10,12 +10,14 @@ import math
 
 from prometheus_client.registry import Collector
 
-REQUESTS = "meshlet_requests"
-DURATION = "meshlet_request_duration_seconds"
+# The canary's own attempts, not what clients got: a canary 5xx that a retry hid from the client
+# still counts against the canary (meshlet.telemetry.proxy).
+REQUESTS = "meshlet_upstream_requests"
+DURATION = "meshlet_upstream_request_duration_seconds"
 
 
 def snapshot(registry: Collector, route: str, backend: str, direction: str = "outbound"):
-    """Requests, 5xx/failed answers and duration buckets of (route, backend) so far."""
+    """Attempts sent to `backend` on `route`, those answered 5xx or not at all, and their duration buckets."""
     from meshlet.rollout.analysis import Snapshot
 
     requests = errors = 0
@@ -30,7 +32,7 @@ def snapshot(registry: Collector, route: str, backend: str, direction: str = "ou
             if sample.name == f"{REQUESTS}_total":
                 requests += int(sample.value)
                 code = labels.get("code", "")
-                if code.startswith("5") or code == "0":  # 0: no response reached the client
+                if code.startswith("5") or code == "0":  # 0: it never answered
                     errors += int(sample.value)
             elif sample.name == f"{DURATION}_bucket":
                 bound = float(labels["le"])

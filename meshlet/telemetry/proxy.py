@@ -1,7 +1,7 @@
 """Every metric the sidecar exports, defined once.
 
-Label values come only from policy names (route, backend, policy host) and status codes,
-never from raw paths or header values, so cardinality is bounded by the policy.
+Label values come only from policy names (route, backend, policy host), status codes and
+response flags, never from raw paths or header values, so cardinality is bounded by the policy.
 `ProxyMetrics` takes a `registry` so tests use a private one.
 """
 
@@ -16,31 +16,46 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from meshlet.telemetry.istio import IstioMetrics
+from meshlet.telemetry.outcome import DOWNSTREAM_PROTOCOL_ERROR, NO_FLAGS, UNKNOWN, Outcome, Workload
+
 # ~100µs to 10s: loopback hops are sub-millisecond, route timeouts go up to seconds.
 DURATION_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)
-# Istio's default request-duration buckets, in milliseconds.
-ISTIO_MS_BUCKETS: tuple[float, ...] = (
-    1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000,
 )
 METRICS_COMPAT: tuple[str, ...] = ("none", "istio")
 RENDER_ATTEMPTS = 3
 
 
 class ProxyMetrics:
-    """The sidecar's request and policy metrics; `compat="istio"` adds Istio's standard two."""
+    """The sidecar's request, upstream-attempt and policy metrics; `compat="istio"` adds Istio's
+    standard series (meshlet.telemetry.istio) for `me`, this workload.
 
-    def __init__(self, registry: CollectorRegistry, compat: str = "none", workload: str = "unknown"):
+    Two views of a request, because a retry makes them differ: `meshlet_requests_total` is what
+    the client got (under the backend that gave it), `meshlet_upstream_requests_total` every
+    attempt under the backend that made it. A canary's 5xx that a retry hid from the client
+    still counts against the canary there, which is what rollout analysis reads.
+    """
+
+    def __init__(self, registry: CollectorRegistry, compat: str = "none", me: Workload | None = None):
         self.registry = registry
-        self.workload = workload
+        self.me = me or Workload()
         self.requests = Counter(
-            "meshlet_requests", "Requests proxied, by direction, route, backend, status code and gRPC status "
-            "(empty for calls that are not gRPC).",
-            ("direction", "route", "backend", "code", "grpc_status"), registry=registry,
+            "meshlet_requests", "Requests proxied, by direction, route, backend, the status code the client got "
+            "(0: none), gRPC status (empty for calls that are not gRPC) and Envoy response flags.",
+            ("direction", "route", "backend", "code", "grpc_status", "response_flags"), registry=registry,
         )
         self.duration = Histogram(
             "meshlet_request_duration_seconds", "Time from request headers to the end of the response.",
+            ("direction", "route", "backend"), buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.upstream_requests = Counter(
+            "meshlet_upstream_requests", "Attempts sent to a backend (retries included), by the backend that "
+            "took them, its status code (0: no answer) and Envoy response flags.",
+            ("direction", "route", "backend", "code", "response_flags"), registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "meshlet_upstream_request_duration_seconds", "Time from sending an attempt to the end of its answer.",
             ("direction", "route", "backend"), buckets=DURATION_BUCKETS, registry=registry,
         )
         self.generation = Gauge(
@@ -50,48 +65,51 @@ class ProxyMetrics:
         self.applies = Counter(
             "meshlet_policy_applies", "Policy applies, by result (ok, invalid).", ("result",), registry=registry,
         )
-        # Label children by (direction, route, backend, code): `labels()` validates and locks on
-        # every call (~1.5 µs each); the set is bounded by the policy's routes and backends.
-        self._children: dict[tuple[str, str, str, int, int], tuple[Counter, Histogram]] = {}
-        self.istio_requests: Counter | None = None
-        self.istio_duration: Histogram | None = None
-        if compat == "istio":
-            labels = (
-                "reporter", "source_workload", "destination_service", "destination_service_name",
-                "destination_version", "destination_workload", "request_protocol", "response_code",
-                "grpc_response_status",
-            )
-            self.istio_requests = Counter(
-                "istio_requests", "Istio-compatible request count.", labels, registry=registry,
-            )
-            self.istio_duration = Histogram(
-                "istio_request_duration_milliseconds", "Istio-compatible request duration.", labels,
-                buckets=ISTIO_MS_BUCKETS, registry=registry,
-            )
+        # Label children cached by their values: `labels()` validates and locks on every call
+        # (~1.5 µs each); the set is bounded by the policy's routes and backends.
+        self._children: dict[tuple, tuple[Counter, Histogram]] = {}
+        self._attempts: dict[tuple, tuple[Counter, Histogram]] = {}
+        self.istio = IstioMetrics(registry, self.me) if compat == "istio" else None
 
-    def observe(
-        self, direction: str, route: str, backend: str, code: int, seconds: float, service: str = "unknown",
-        grpc_status: int = -1,
-    ) -> None:
-        """One finished request; `code` 0 means no response reached the client, `grpc_status` -1 that
-        the request was not a gRPC call (or ended without a status)."""
-        key = (direction, route, backend, code, grpc_status)
+    def observe(self, outcome: Outcome) -> None:
+        """One finished request, as its client saw it."""
+        o = outcome
+        key = (o.direction, o.route, o.backend, o.code, o.grpc_status, o.flags)
         children = self._children.get(key)
         if children is None:
+            grpc = "" if o.grpc_status < 0 else str(o.grpc_status)
             children = self._children[key] = (
-                self.requests.labels(direction, route, backend, str(code), "" if grpc_status < 0 else str(grpc_status)),
-                self.duration.labels(direction, route, backend),
+                self.requests.labels(o.direction, o.route, o.backend, str(o.code), grpc, o.flags or NO_FLAGS),
+                self.duration.labels(o.direction, o.route, o.backend),
+            )
+        count, duration = children
+        count.inc()
+        duration.observe(o.seconds)
+        if self.istio is not None:
+            self.istio.request(o)
+
+    def attempt(self, direction: str, route: str, backend: str, code: int, flags: str, seconds: float) -> None:
+        """One upstream attempt, against the backend that made it; `code` 0: it never answered."""
+        key = (direction, route, backend, code, flags)
+        children = self._attempts.get(key)
+        if children is None:
+            children = self._attempts[key] = (
+                self.upstream_requests.labels(direction, route, backend, str(code), flags or NO_FLAGS),
+                self.upstream_duration.labels(direction, route, backend),
             )
         count, duration = children
         count.inc()
         duration.observe(seconds)
-        if self.istio_requests is not None and self.istio_duration is not None:
-            reporter = "source" if direction == "outbound" else "destination"
-            grpc = grpc_status >= 0
-            labels = (reporter, self.workload, service, service.split(".")[0], backend, backend,
-                      "grpc" if grpc else "http", str(code), str(grpc_status) if grpc else "")
-            self.istio_requests.labels(*labels).inc()
-            self.istio_duration.labels(*labels).observe(seconds * 1000.0)
+
+    def tcp(self, direction: str, service: str, peer: Workload | None, mtls: bool, sent: int, received: int,
+            flags: str = NO_FLAGS) -> None:
+        """One connection relayed at L4 (WebSocket, CONNECT, a protocol not HTTP), at its close."""
+        if self.istio is not None:
+            self.istio.tcp(direction, service, peer, mtls, sent, received, flags)
+
+    def invalid(self, direction: str, code: int) -> None:
+        """A request too malformed to route: the sidecar answered `code` itself."""
+        self.observe(Outcome(direction, "invalid", "none", UNKNOWN, code, DOWNSTREAM_PROTOCOL_ERROR))
 
 
 def enable_multiprocess(directory: Path) -> None:

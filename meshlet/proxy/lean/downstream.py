@@ -332,7 +332,7 @@ class Downstream(asyncio.Protocol):
                 return
             self.waiting.remove(broken)  # not started yet: refused in turn, below
         answer = local_response(status, message, close=True)
-        self.engine.metrics.observe(self.direction, "invalid", "none", status, 0.0, "unknown")
+        self.engine.metrics.invalid(self.direction, status)
         if self.active is None:
             self.transport.write(answer)
             self.transport.close()

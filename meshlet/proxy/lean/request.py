@@ -23,6 +23,7 @@ from meshlet.proxy.tap import TapRecord
 from meshlet.routing import Decision, RequestView, Unmatched, decide
 from meshlet.routing.attempts import attempts_for, candidates
 from meshlet.routing.hosts import host_key
+from meshlet.telemetry.outcome import Outcome
 
 if TYPE_CHECKING:
     from meshlet.proxy.lean.engine import LeanEngine
@@ -250,8 +251,8 @@ class Request:
         downstream = self.downstream
         engine = downstream.engine
         seconds = time.perf_counter() - self.started
-        engine.metrics.observe(self.direction, self.route_name, self.backend, code, seconds, self.service,
-                               self.grpc_status)
+        engine.metrics.observe(Outcome(self.direction, self.route_name, self.backend, self.service, code,
+                                       seconds=seconds, grpc_status=self.grpc_status))
         if engine.tap.active:
             engine.tap.publish(TapRecord(
                 time.time() - seconds, self.direction, self.method.decode("latin-1"),

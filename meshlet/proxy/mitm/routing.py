@@ -36,6 +36,7 @@ from meshlet.proxy.state import PolicyState
 from meshlet.proxy.tap import TapHub, TapRecord
 from meshlet.routing import Decision, RequestView, Unmatched, decide, parse_cookies
 from meshlet.routing.attempts import attempts_for, candidates, status_conditions
+from meshlet.telemetry.outcome import Outcome
 from meshlet.telemetry.proxy import ProxyMetrics
 
 KEY = "meshlet"
@@ -236,7 +237,8 @@ class Routing:
         exchange.done = True
         self.in_flight -= 1
         elapsed = time.perf_counter() - exchange.started
-        self.metrics.observe(exchange.direction, exchange.route, exchange.backend, code, elapsed, exchange.service)
+        self.metrics.observe(Outcome(exchange.direction, exchange.route, exchange.backend, exchange.service, code,
+                                     seconds=elapsed))
         if self.tap.active:
             peer = self.peer_identity(flow.client_conn) if exchange.direction == "inbound" else ""
             self.tap.publish(tap_record(flow, exchange, code, elapsed, peer))

@@ -56,4 +56,4 @@ class Strict:
         flow.response = http.Response.make(status, f"meshlet: {reason}\n".encode(), {
             "content-type": "text/plain; charset=utf-8", "x-meshlet": "local", "connection": "close"})
         direction = "inbound" if isinstance(flow.client_conn.proxy_mode, ReverseMode) else "outbound"
-        self.metrics.observe(direction, "invalid", "none", status, 0.0, "unknown")
+        self.metrics.invalid(direction, status)

@@ -48,7 +48,8 @@ class TestStrict:
         Strict(ProxyMetrics(registry)).requestheaders(f)
         assert (f.response.status_code, f.response.headers["connection"]) == (400, "close")
         assert registry.get_sample_value("meshlet_requests_total", {
-            "direction": "outbound", "route": "invalid", "backend": "none", "code": "400", "grpc_status": ""}) == 1
+            "direction": "outbound", "route": "invalid", "backend": "none", "code": "400", "grpc_status": "",
+            "response_flags": "DPE"}) == 1
 
 
 class TestForwarding:

@@ -69,7 +69,8 @@ class TestRouting:
         addon.response(f)
         assert addon.in_flight == 0
         sample = addon.metrics.registry.get_sample_value(
-            "meshlet_requests_total", {"direction": "outbound", "route": "unmatched", "backend": "none", "code": "404", "grpc_status": ""}
+            "meshlet_requests_total", {"direction": "outbound", "route": "unmatched", "backend": "none", "code": "404", "grpc_status": "",
+                                        "response_flags": "NR"}
         )
         assert sample == 1.0
 

@@ -81,7 +81,8 @@ def test_inbound_refusals_by_mtls_are_counted_as_403():
     asyncio.run(routing.requestheaders(f))
     routing.response(f)
     assert f.metadata[KEY].backend == "none" and routing.in_flight == 0
-    labels = {"direction": "inbound", "route": "inbound", "backend": "none", "code": "403", "grpc_status": ""}
+    labels = {"direction": "inbound", "route": "inbound", "backend": "none", "code": "403", "grpc_status": "",
+              "response_flags": "UAEX"}
     assert routing.metrics.registry.get_sample_value("meshlet_requests_total", labels) == 1.0
 
 

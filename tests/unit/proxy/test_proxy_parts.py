@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from meshlet.policy import PolicyInvalid, load_text
 from meshlet.policy.diff import diff
 from meshlet.policy.model import Address
 from meshlet.proxy.config import SidecarConfig, config_from_json, config_to_json, parse_listen
 from meshlet.proxy.state import PolicyState, compile_policy
-from meshlet.telemetry.proxy import ProxyMetrics
 
 BASE = """\
 apiVersion: meshlet.dev/v1alpha1
@@ -69,39 +67,6 @@ class TestPolicyState:
         state = PolicyState(compile_policy(BASE, 1))
         prepared = state.prepare(BASE, generation=7)
         assert prepared.table.generation == 7 and state.generation == 1
-
-
-class TestMetrics:
-    def test_observe_counts_and_times_by_policy_names(self):
-        registry = CollectorRegistry()
-        metrics = ProxyMetrics(registry)
-        metrics.observe("outbound", "canary", "v2", 200, 0.0002)
-        labels = {"direction": "outbound", "route": "canary", "backend": "v2"}
-        assert registry.get_sample_value("meshlet_requests_total", {**labels, "code": "200", "grpc_status": ""}) == 1.0
-        assert registry.get_sample_value("meshlet_request_duration_seconds_bucket", {**labels, "le": "0.00025"}) == 1.0
-        assert registry.get_sample_value("meshlet_request_duration_seconds_bucket", {**labels, "le": "0.0001"}) == 0.0
-        assert registry.get_sample_value("istio_requests_total", {}) is None
-
-    def test_grpc_calls_carry_their_status_in_both_families(self):
-        registry = CollectorRegistry()
-        ProxyMetrics(registry, "istio", "frontend").observe("outbound", "canary", "v2", 200, 0.02, "svc", grpc_status=14)
-        assert registry.get_sample_value("meshlet_requests_total", {
-            "direction": "outbound", "route": "canary", "backend": "v2", "code": "200", "grpc_status": "14"}) == 1.0
-        assert registry.get_sample_value("istio_requests_total", {
-            "reporter": "source", "source_workload": "frontend", "destination_service": "svc",
-            "destination_service_name": "svc", "destination_version": "v2", "destination_workload": "v2",
-            "request_protocol": "grpc", "response_code": "200", "grpc_response_status": "14"}) == 1.0
-
-    def test_istio_compat_uses_istio_names_and_milliseconds(self):
-        registry = CollectorRegistry()
-        ProxyMetrics(registry, "istio", "frontend").observe("outbound", "canary", "v2", 503, 0.02, "reviews")
-        labels = {
-            "reporter": "source", "source_workload": "frontend", "destination_service": "reviews",
-            "destination_service_name": "reviews", "destination_version": "v2", "destination_workload": "v2",
-            "request_protocol": "http", "response_code": "503", "grpc_response_status": "",
-        }
-        assert registry.get_sample_value("istio_requests_total", labels) == 1.0
-        assert registry.get_sample_value("istio_request_duration_milliseconds_sum", labels) == pytest.approx(20.0)
 
 
 class TestDiff:

@@ -124,7 +124,8 @@ class TestSpeed:
         assert addon.in_flight == 0
         counted = [
             addon.metrics.registry.get_sample_value(
-                "meshlet_requests_total", {"direction": "outbound", "route": "canary", "backend": b, "code": "200", "grpc_status": ""}
+                "meshlet_requests_total", {"direction": "outbound", "route": "canary", "backend": b, "code": "200",
+                                           "grpc_status": "", "response_flags": "-"}
             ) or 0.0
             for b in ("v1", "v2")
         ]

@@ -63,9 +63,9 @@ def world(tmp_path):
 
 
 def interval(world, n, code=200, seconds=0.01):
-    """n canary requests, then the clock moves past one 30s interval and the controller ticks."""
+    """n canary attempts, then the clock moves past one 30s interval and the controller ticks."""
     for _ in range(n):
-        world.metrics.observe("outbound", "canary", "v2", code, seconds)
+        world.metrics.attempt("outbound", "canary", "v2", code, "-", seconds)
     world.clock.now += 30
     return world.controller.tick(functools.partial(snapshot, world.metrics.registry))
 
