@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from meshlet.k8s.sidecar import InjectConfig, scrape_annotations
 
 MERGE_ANNOTATION = "meshlet.dev/merge-metrics"
-RECORD = "meshlet.dev/app-prometheus"  # JSON: the prometheus.io/* annotations as the Pod declared them
+# JSON: {"annotations": the prometheus.io/* annotations as the Pod declared them, "port": the sidecar's}
+RECORD = "meshlet.dev/app-prometheus"
 _KEYS = ("scrape", "port", "path", "scheme")
 _PROMETHEUS = {f"prometheus_io_{key}": key for key in _KEYS}
 
@@ -53,21 +54,27 @@ def _without_prometheus(annotations: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in annotations.items() if _label(k) not in _PROMETHEUS}
 
 
-def as_declared(annotations: Mapping[str, str], cfg: InjectConfig) -> dict[str, str]:
-    """The annotations with an earlier injection's scrape target undone: the sidecar's port
-    replaced by what the Pod had declared (from `RECORD`). A port the Pod's owner set since to
-    something else is theirs, and the stale record goes."""
-    out = {k: v for k, v in annotations.items() if k != RECORD}
-    if _declared(out).get("port") != str(cfg.health_port):
-        return out
-    out = _without_prometheus(out)
+def _record(annotations: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """(the app's annotations, the sidecar port they were replaced by) from `RECORD`; empty if unreadable."""
     try:
         record = json.loads(annotations.get(RECORD) or "{}")
     except ValueError:
-        record = {}
-    if isinstance(record, dict):
-        out.update({k: v for k, v in record.items() if isinstance(k, str) and isinstance(v, str)})
-    return out
+        return {}, ""
+    app = record.get("annotations") if isinstance(record, dict) else None
+    if not isinstance(app, dict):
+        return {}, ""
+    return {k: v for k, v in app.items() if isinstance(k, str) and isinstance(v, str)}, str(record.get("port", ""))
+
+
+def as_declared(annotations: Mapping[str, str], cfg: InjectConfig) -> dict[str, str]:
+    """The annotations with an earlier injection's scrape target undone: the sidecar's port
+    (this one's, or the one the record names) replaced by what the Pod had declared. A port
+    the Pod's owner set since to something else is theirs, and the stale record goes."""
+    out = {k: v for k, v in annotations.items() if k != RECORD}
+    app, port = _record(annotations)
+    if _declared(out).get("port") not in {str(cfg.health_port), port} - {""}:
+        return out
+    return {**_without_prometheus(out), **app}
 
 
 def plan(annotations: Mapping[str, object], cfg: InjectConfig) -> Scrape:
@@ -83,7 +90,7 @@ def plan(annotations: Mapping[str, object], cfg: InjectConfig) -> Scrape:
     if opted_out or "port" not in declared:
         return Scrape(ours, None)
     url = app_url(declared, cfg)
-    record = {k: v for k, v in app.items() if _label(k) in _PROMETHEUS}
+    record = {"annotations": {k: v for k, v in app.items() if _label(k) in _PROMETHEUS}, "port": str(cfg.health_port)}
     return Scrape({**ours, RECORD: json.dumps(record, sort_keys=True)}, url)
 
 

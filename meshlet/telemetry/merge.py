@@ -55,13 +55,13 @@ class InvalidPage(ValueError):
 
 
 def parse(body: bytes, content_type: str) -> list[Metric]:
-    """The app's families; InvalidPage says what is wrong (never echoing the page itself)."""
+    """The app's families; InvalidPage says what is wrong (for the sidecar's log, never a label)."""
     try:
         text = body.decode("utf-8")
         reader = parse_openmetrics if content_type.split(";")[0].strip().lower() == OPENMETRICS else parse_text
         families = list(reader(text))
     except (ValueError, TypeError, IndexError, KeyError) as e:  # the parsers raise more than ValueError
-        raise InvalidPage(f"not a Prometheus exposition ({type(e).__name__})") from None
+        raise InvalidPage(f"not a Prometheus exposition: {str(e)[:120]!r}") from None
     for family in families:
         for name in exposed_names(family):
             if not _METRIC_NAME.fullmatch(name):
