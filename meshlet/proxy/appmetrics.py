@@ -1,11 +1,11 @@
 """The health port's `/metrics` with the app's own metrics merged in (`meshlet run --app-metrics URL`).
 
 Each scrape of the health port fetches the app's page once (scrapes that arrive meanwhile share
-that fetch) and serves the sidecar's page, then the app's (meshlet.telemetry.merge). The app
-is waited for at most `TIMEOUT` seconds, or half of what Prometheus says it waits
-(`X-Prometheus-Scrape-Timeout-Seconds`), and read up to `MAX_BYTES`: an app that is down,
-slow, huge or writes garbage costs the page its own series, never the sidecar's, and the
-page, the log and `meshlet_app_metrics_scrape_errors_total{reason}` say so.
+that fetch) and serves the sidecar's page, then the app's (meshlet.telemetry.merge). Reading
+and parsing the app's page get at most `TIMEOUT` seconds together, or half of what Prometheus
+says it waits (`X-Prometheus-Scrape-Timeout-Seconds`), and the page at most `MAX_BYTES`: an
+app that is down, slow, huge or writes garbage costs the page its own series, never the
+sidecar's, and the page, the log and `meshlet_app_metrics_scrape_errors_total{reason}` say so.
 
 Who can make the sidecar fetch what: the URL is a start flag (injection writes it from the
 Pod's own annotations) and names a loopback address only, so the sidecar fetches from its own
@@ -114,17 +114,6 @@ def _client_context() -> ssl.SSLContext:
     return context
 
 
-async def fetch(target: AppTarget, timeout: float) -> tuple[bytes, str]:
-    """(body, content type) of a 200; ScrapeFailed otherwise."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await _get(target)
-    except TimeoutError:
-        raise ScrapeFailed("timeout", f"no complete answer within {timeout:g}s") from None
-    except OSError as e:
-        raise ScrapeFailed("connect", e.strerror or str(e) or type(e).__name__) from None
-
-
 async def _get(target: AppTarget) -> tuple[bytes, str]:
     tls = _client_context() if target.scheme == "https" else None
     reader, writer = await asyncio.open_connection(target.host, target.port, ssl=tls)
@@ -152,6 +141,18 @@ async def _get(target: AppTarget) -> tuple[bytes, str]:
     return bytes(response.body), response.content_type
 
 
+def _app_page(sidecar_names: set[str], body: bytes, content_type: str) -> tuple[bytes, list[str]]:
+    """(the app's page as merged, the names left out); InvalidPage. CPU-bound: run in a thread."""
+    merged = merge(sidecar_names, parse(body, content_type))
+    return render(merged.families), merged.dropped
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark an outcome seen: its waiters had it, or gave up waiting (a timeout)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _timeout(header: str | None) -> float:
     """Half of Prometheus' own scrape timeout, so the sidecar's page still reaches it in time."""
     try:
@@ -169,6 +170,7 @@ class AppMetrics:
         self.sidecar_page = sidecar_page
         self.stats = ScrapeStats()
         self._inflight: asyncio.Future[bytes] | None = None
+        self._parsing: asyncio.Future[tuple[bytes, list[str]]] | None = None
         self._problem = ""  # the last failure logged; "" while the app's page merges
 
     async def handle(self, request: Request) -> Reply:
@@ -188,16 +190,29 @@ class AppMetrics:
 
     def _done(self, future: asyncio.Future) -> None:
         self._inflight = None
-        if not future.cancelled():
-            future.exception()  # retrieved: every waiter saw it already
+        _retrieve(future)
 
     async def _scrape(self, sidecar_names: set[str], timeout: float) -> bytes:
-        """The app's page as it goes into the merged one; ScrapeFailed, counted and logged, if none."""
+        """The app's page as it goes into the merged one; ScrapeFailed, counted and logged, if none.
+
+        `timeout` bounds reading and parsing together. A parse cannot be stopped (it runs in a
+        thread, holding the GIL while it reads): one still running from an earlier scrape fails
+        this one at once, so a huge page costs one thread's work at a time, not one per scrape."""
         started = time.monotonic()
         try:
-            body, content_type = await fetch(self.target, timeout)
-            merged = await asyncio.to_thread(lambda: merge(sidecar_names, parse(body, content_type)))
-            page = await asyncio.to_thread(render, merged.families)
+            if self._parsing is not None and not self._parsing.done():
+                raise ScrapeFailed("timeout", "the app's previous page is still being parsed")
+            async with asyncio.timeout(timeout):
+                body, content_type = await _get(self.target)
+                self._parsing = asyncio.ensure_future(asyncio.to_thread(_app_page, sidecar_names, body, content_type))
+                self._parsing.add_done_callback(_retrieve)
+                page, dropped = await asyncio.shield(self._parsing)
+        except TimeoutError:
+            self._failed("timeout", f"no page within {timeout:g}s")
+            raise ScrapeFailed("timeout", "") from None
+        except OSError as e:
+            self._failed("connect", e.strerror or str(e) or type(e).__name__)
+            raise ScrapeFailed("connect", "") from None
         except ScrapeFailed as e:
             self._failed(e.reason, str(e))
             raise
@@ -206,7 +221,7 @@ class AppMetrics:
             raise ScrapeFailed("invalid", str(e)) from None
         finally:
             self.stats.seconds = time.monotonic() - started
-        self._merged(merged.dropped)
+        self._merged(dropped)
         return page
 
     def _failed(self, reason: str, message: str) -> None:

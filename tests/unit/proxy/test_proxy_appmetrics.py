@@ -131,6 +131,33 @@ class TestFetch:
 
         assert asyncio.run(timed()) < 5.0  # TIMEOUT; 0.2 s expected (not asserted: a loaded machine)
 
+    def test_a_page_too_slow_to_parse_times_out_and_is_parsed_once_at_a_time(self):
+        """Reading and parsing share the timeout; the parse that goes on (a thread cannot be
+        stopped) fails the next scrape at once instead of starting a second one."""
+        page = b"".join(b'big{n="%d"} 1\n' % i for i in range(150_000))  # ~2.5 MB: seconds to parse
+        request = Request("GET", "/metrics", {"x-prometheus-scrape-timeout-seconds": "0.2"})
+
+        fetches: list[int] = []
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            fetches.append(1)
+            await http(200, page)(reader, writer)
+
+        async def twice() -> list[bytes]:
+            server = await asyncio.start_server(answer, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            merged = AppMetrics(parse_app_metrics(f"http://127.0.0.1:{port}/metrics"), lambda: SIDECAR)
+            try:
+                return [(await merged.handle(request)).body for _ in range(2)]
+            finally:
+                server.close()
+
+        first, second = asyncio.run(twice())
+        assert len(fetches) == 1
+        assert values(first)[("meshlet_app_metrics_scrape_errors_total", (("reason", "timeout"),))] == 1.0
+        assert values(second)[("meshlet_app_metrics_scrape_errors_total", (("reason", "timeout"),))] == 2.0
+        assert values(second)[("meshlet_policy_generation", ())] == 3.0
+
     def test_a_huge_page_is_refused(self, monkeypatch):
         monkeypatch.setattr(appmetrics, "MAX_BYTES", 1000)
         [page], _ = scrape(http(200, b"x 1\n" * 1000))
