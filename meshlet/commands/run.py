@@ -28,6 +28,15 @@ def _listen(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _app_metrics(text: str) -> str:
+    from meshlet.proxy.appmetrics import parse_app_metrics
+
+    try:
+        return str(parse_app_metrics(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _workers(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise argparse.ArgumentTypeError(f"bad worker count {text!r}: expected 1 to 64")
@@ -80,6 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="this workload's name, in Istio-style labels and the metadata sent to mesh peers")
     parser.add_argument("--workload-namespace", default="unknown", metavar="NS",
                         help="this workload's namespace, in Istio-style labels and the metadata sent to mesh peers")
+    parser.add_argument("--app-metrics", type=_app_metrics, metavar="URL",
+                        help="the app's own Prometheus metrics on loopback, e.g. http://127.0.0.1:9080/metrics: "
+                             "served with the sidecar's on the --health port's /metrics (injection sets it from "
+                             "the Pod's prometheus.io annotations)")
     parser.add_argument("--access-log", default="off", metavar="stdout|FILE|off",
                         help="one JSON line per request (Istio's field names) to stdout or appended to FILE "
                              "(default off)")
@@ -210,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
     from meshlet.rollout.service import RolloutOptions
 
     engine, addons = _engine(args), _addons(args.addon)
+    if args.app_metrics and args.health is None:
+        raise CommandError("--app-metrics is served on the --health port's /metrics: give --health HOST:PORT too")
     cluster = _cluster(args)
     labels = _workload_labels(args.workload_labels)
     try:
@@ -220,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             identity_server=args.identity_server, identity_token=args.identity_token, trust_bundle=args.trust_bundle,
             engine=engine, addons=addons, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
             workload_labels=labels, workload_namespace=args.workload_namespace,
-            access_log=_access_log(args.access_log),
+            access_log=_access_log(args.access_log), app_metrics=args.app_metrics,
         )
     except ValueError as e:
         raise CommandError(str(e)) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from meshlet.k8s.sidecar import IDENTITY_MODES, PULL_POLICIES, InjectConfig, Resources, check_quantity
+from meshlet.telemetry.proxy import METRICS_COMPAT
 
 _DEFAULT = InjectConfig()
 
@@ -68,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-bundle-configmap", default=_DEFAULT.trust_bundle, metavar="NAME",
                        help="ConfigMap (key ca.pem) with the mesh CAs, in each injected namespace "
                        "(default: %(default)s)")
+    group.add_argument("--metrics-compat", choices=METRICS_COMPAT, default=_DEFAULT.metrics_compat,
+                       help="the sidecars' `meshlet run --metrics-compat`: istio also exports Istio's standard "
+                       "series, for Flagger, Kiali and Istio's dashboards (default: %(default)s)")
+    group.add_argument("--merge-metrics", action=argparse.BooleanOptionalAction, default=_DEFAULT.merge_metrics,
+                       help="serve a Pod's own prometheus.io target merged with the sidecar's metrics on the "
+                       "health port, as Istio does; a Pod opts out with the annotation "
+                       "meshlet.dev/merge-metrics: \"false\" (default: on)")
 
 
 def config_from_args(args: argparse.Namespace) -> InjectConfig:
@@ -84,4 +92,6 @@ def config_from_args(args: argparse.Namespace) -> InjectConfig:
         identity=args.identity_mode,
         identity_server=args.identity_server,
         trust_bundle=args.trust_bundle_configmap,
+        metrics_compat=args.metrics_compat,
+        merge_metrics=args.merge_metrics,
     )

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from meshlet.k8s import sidecar
+from meshlet.k8s import scrape, sidecar
 from meshlet.k8s.sidecar import InjectConfig
+from meshlet.k8s.workload import workload_name
 
 OPT_OUT = "meshlet.dev/inject"
 
@@ -85,15 +86,18 @@ def _inject_workload(obj: Mapping, kind: str, cfg: InjectConfig) -> Injected:
     if _opted_out(obj) or _opted_out(template):
         return Injected(obj, "opted-out", f'{OPT_OUT}: "false"', kind, name)
     problem = why_not(template["spec"], cfg)
+    annotations = _get(template, ("metadata", "annotations"))
+    annotations = annotations if isinstance(annotations, Mapping) else {}
     try:
-        bypass = sidecar.bypass_from(_get(template, ("metadata", "annotations")))
+        bypass = sidecar.bypass_from(annotations)
+        scraping = scrape.plan(annotations, cfg)
     except ValueError as e:
         problem = problem or str(e)
     if problem:
         return Injected(obj, "cannot-inject", problem, kind, name)
     out = copy.deepcopy(dict(obj))
     new_template = _get(out, TEMPLATE_PATHS[kind])
-    _inject_pod(new_template, cfg, bypass)
+    _inject_pod(new_template, cfg, bypass, scraping, workload_name(obj, template, kind))
     if out == obj:
         return Injected(obj, "unchanged", "already injected", kind, name)
     return Injected(out, "injected", kind=kind, name=name)
@@ -124,20 +128,22 @@ def why_not(spec: Mapping, cfg: InjectConfig) -> str:
     return ""
 
 
-def _inject_pod(template: dict, cfg: InjectConfig, bypass: sidecar.Bypass) -> None:
+def _inject_pod(template: dict, cfg: InjectConfig, bypass: sidecar.Bypass, scraping: scrape.Scrape,
+                workload: str) -> None:
     """Mutate a deep-copied Pod (or Pod template) in place: strip old injection, add the new one."""
     metadata = template.setdefault("metadata", {})
     if not isinstance(metadata, dict):
         metadata = template["metadata"] = {}
-    annotations = metadata.get("annotations")
-    metadata["annotations"] = {**(annotations if isinstance(annotations, dict) else {}), **sidecar.pod_annotations(cfg)}
+    annotations = {k: v for k, v in scraping.annotations.items() if k != sidecar.STATUS_ANNOTATION}
+    metadata["annotations"] = {**annotations, sidecar.STATUS_ANNOTATION: "injected"}
     spec = template["spec"]
     containers = [c for c in spec["containers"] if c.get("name") not in sidecar.CONTAINER_NAMES]
     inits = [c for c in _list(spec.get("initContainers")) if _name_of(c) not in sidecar.CONTAINER_NAMES]
     volumes = [v for v in _list(spec.get("volumes")) if _name_of(v) not in sidecar.VOLUME_NAMES]
     spec["containers"] = containers
     spec["initContainers"] = [
-        sidecar.init_container(cfg, bypass), sidecar.proxy_container(cfg, _app_port(containers)), *inits,
+        sidecar.init_container(cfg, bypass),
+        sidecar.proxy_container(cfg, _app_port(containers), workload, scraping.app_metrics), *inits,
     ]
     spec["volumes"] = [*volumes, *sidecar.volumes(cfg)]
 

@@ -87,27 +87,28 @@ class InjectConfig:
     identity: str = "server"
     identity_server: str = "https://meshlet-identity.meshlet-system.svc:15012"
     trust_bundle: str = "meshlet-trust-bundle"
+    # Istio's standard series (istio_requests_total, ...) besides meshlet's: what Flagger, Kiali
+    # and Istio's dashboards query.
+    metrics_compat: str = "istio"
+    # The Pod's own prometheus.io target is served merged with the sidecar's (meshlet.k8s.scrape).
+    merge_metrics: bool = True
 
     @property
     def ports(self) -> frozenset[int]:
         return frozenset({self.outbound_port, self.inbound_port, self.admin_port, self.health_port})
 
 
-PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
 STATUS_ANNOTATION = "meshlet.dev/status"
 
 
-def pod_annotations(cfg: InjectConfig) -> dict[str, str]:
-    """Annotations-style Prometheus discovery of the sidecar's /metrics (the health port), plus the injected marker."""
-    return {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(cfg.health_port),
-        "prometheus.io/path": "/metrics",
-        STATUS_ANNOTATION: "injected",
-    }
+def scrape_annotations(cfg: InjectConfig) -> dict[str, str]:
+    """Annotations-style Prometheus discovery of the sidecar's /metrics (the health port)."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(cfg.health_port),
+            "prometheus.io/path": "/metrics"}
 
 
-def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
+def proxy_container(cfg: InjectConfig, app_port: int | None, workload: str = "unknown",
+                    app_metrics: str | None = None) -> dict:
     """The native sidecar: an init container with `restartPolicy: Always` (Kubernetes >= 1.29).
 
     The kubelet starts the next init container, and so the app, only once the startup probe
@@ -117,6 +118,10 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
     port-forward`); the kubelet's probes and Prometheus reach the read-only health port on the
     Pod IP; `[::]` is IPv4 and IPv6 on one socket, `localhost` both loopbacks (ip6tables
     redirects the app's IPv6 to ::1).
+
+    `workload` names this workload in the metrics, with the namespace from the Downward API
+    (`$(POD_NAMESPACE)`, which the kubelet expands from the container's env); `app_metrics` is
+    the app's own scrape target, served merged on the health port (meshlet.k8s.scrape).
     """
     args = [
         "run", "--watch-kube",
@@ -126,8 +131,12 @@ def proxy_container(cfg: InjectConfig, app_port: int | None) -> dict:
         "--health", f"[::]:{cfg.health_port}",
         "--workload-labels", f"{PODINFO_DIR}/labels",
         "--workers", str(cfg.workers),
+        "--workload", workload, "--workload-namespace", "$(POD_NAMESPACE)",
+        "--metrics-compat", cfg.metrics_compat,
     ]
     args += identity_args(cfg)
+    if app_metrics is not None:
+        args += ["--app-metrics", app_metrics]
     if app_port is not None:
         args += ["--app", f"127.0.0.1:{app_port}"]
 

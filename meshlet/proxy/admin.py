@@ -54,14 +54,17 @@ def _json(status: int, value: object) -> Reply:
     return Reply(status, (json.dumps(value, indent=2) + "\n").encode(), "application/json")
 
 
-def read_only(handler: Handler) -> Handler:
-    """Only GET /healthz, /readyz and /metrics of `handler`: what the `--health` port serves."""
+def read_only(handler: Handler, metrics: Handler | None = None) -> Handler:
+    """Only GET /healthz, /readyz and /metrics of `handler`: what the `--health` port serves.
+    `metrics`, when given, answers /metrics instead (the page with the app's metrics merged in)."""
 
-    async def handle(request: Request) -> Reply:
+    async def handle(request: Request) -> Reply | Stream:
         if request.path not in HEALTH_PATHS:
             return Reply(404, b"not found: this port serves /healthz /readyz /metrics\n")
         if request.method != "GET":
             return Reply(405, f"method {request.method} not allowed on {request.path}\n".encode())
+        if request.path == "/metrics" and metrics is not None:
+            return await metrics(request)
         return await handler(request)
 
     return handle

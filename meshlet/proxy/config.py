@@ -62,6 +62,7 @@ class SidecarConfig:
     workload: str = "unknown"  # this workload's name and namespace in Istio-style labels and peer metadata
     workload_namespace: str = "unknown"
     access_log: str = "off"  # off | stdout | a file path (meshlet.telemetry.accesslog)
+    app_metrics: str | None = None  # the app's own scrape URL, merged into the health port's /metrics
     identity_dir: Path | None = None
     ca_dir: Path | None = None  # local mode: reissue the identity from this CA before it expires
     identity_server: str | None = None  # `meshlet identity serve`: each process fetches its own certificate

@@ -3,7 +3,8 @@
 - the control API (`--admin`, loopback only): GET/PUT /policy, rollouts, /certs, and the
   health paths too, for local tools and scripts;
 - the health port (`--health`, e.g. `[::]:15020` on the Pod IP): /healthz, /readyz, /metrics
-  only, read-only, for the kubelet and Prometheus;
+  only, read-only, for the kubelet and Prometheus; with `--app-metrics`, its /metrics also
+  carries the app's own metrics (meshlet.proxy.appmetrics);
 - a `--workers` worker has neither: its private API is a Unix socket (`control`) in the
   supervisor's private directory, reachable only by the sidecar's own user.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from meshlet.proxy import httpserver
 from meshlet.proxy.admin import AdminApi, read_only
+from meshlet.proxy.appmetrics import AppMetrics, parse_app_metrics
 from meshlet.proxy.config import SidecarConfig
 from meshlet.proxy.engine import StartupError
 
@@ -43,7 +45,7 @@ async def start_endpoints(api: AdminApi, config: SidecarConfig) -> Endpoints:
         endpoints.servers.append(admin)
         endpoints.addresses["admin"] = _where(config.admin.host, admin)
         if config.health is not None:
-            health = await _listen(httpserver.start(read_only(api), config.health.host, config.health.port),
+            health = await _listen(httpserver.start(_health(api, config), config.health.host, config.health.port),
                                    config.health, "health port")
             endpoints.servers.append(health)
             endpoints.addresses["health"] = _where(config.health.host, health)
@@ -51,6 +53,12 @@ async def start_endpoints(api: AdminApi, config: SidecarConfig) -> Endpoints:
         endpoints.close()
         raise
     return endpoints
+
+
+def _health(api: AdminApi, config: SidecarConfig) -> httpserver.Handler:
+    if config.app_metrics is None:
+        return read_only(api)
+    return read_only(api, AppMetrics(parse_app_metrics(config.app_metrics), api.render_metrics).handle)
 
 
 async def _listen(starting, where: object, what: str = "admin API"):

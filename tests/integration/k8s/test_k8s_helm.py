@@ -82,6 +82,7 @@ def proxy_values_to_config(values: dict, identity_server: str) -> InjectConfig:
         admin_port=proxy["ports"]["admin"], health_port=proxy["ports"]["health"],
         identity=proxy["identity"]["mode"], identity_server=identity_server,
         trust_bundle=proxy["identity"]["trustBundleConfigMap"],
+        metrics_compat=proxy["metricsCompat"], merge_metrics=proxy["mergeMetrics"],
     )
 
 
@@ -123,10 +124,12 @@ def test_webhook_injects_with_the_same_config_as_meshlet_inject():
 
 def test_proxy_values_reach_the_webhook():
     docs = render("proxy.image=reg.example/meshlet:7", "proxy.resources.limits.cpu=null", "proxy.uid=2000",
-                  "proxy.ports.admin=16000", "webhook.failOpen=false")
+                  "proxy.ports.admin=16000", "webhook.failOpen=false", "proxy.metricsCompat=none",
+                  "proxy.mergeMetrics=false")
     config, fail_open = webhook_config(docs)
     assert config == InjectConfig(image="reg.example/meshlet:7", resources=Resources("50m", "64Mi", None, "256Mi"),
-                                  uid=2000, admin_port=16000, identity_server=MESH_IDENTITY)
+                                  uid=2000, admin_port=16000, identity_server=MESH_IDENTITY, metrics_compat="none",
+                                  merge_metrics=False)
     assert fail_open is False
     hook = find(docs, "MutatingWebhookConfiguration")["webhooks"][0]
     assert hook["failurePolicy"] == "Fail"
@@ -278,7 +281,8 @@ def test_agent_accelerate_renders_flags_meshlet_agent_accepts(values, ports):
 def test_injected_sidecar_flags_are_known_to_meshlet_run():
     from meshlet.k8s.sidecar import proxy_container
 
-    container = proxy_container(InjectConfig(), app_port=9080)
+    container = proxy_container(InjectConfig(), app_port=9080, workload="productpage",
+                                app_metrics="http://127.0.0.1:9081/metrics")
     assert container["command"] == ["meshlet"] and container["args"][0] == "run"
     from meshlet.commands import run as run_command
 
@@ -292,6 +296,9 @@ def test_injected_sidecar_flags_are_known_to_meshlet_run():
     assert parsed.watch_kube and parsed.policy is None, "the injected sidecar follows its namespace's policies"
     assert parsed.identity is None, "no identity dir: the certificate comes from the identity service"
     assert parsed.identity_server == InjectConfig().identity_server
+    assert (parsed.workload, parsed.metrics_compat, parsed.app_metrics) == (
+        "productpage", "istio", "http://127.0.0.1:9081/metrics")
+    assert parsed.workload_namespace == "$(POD_NAMESPACE)", "the kubelet expands it from the Downward API env"
     assert (str(parsed.identity_token), str(parsed.trust_bundle)) == ("/var/run/secrets/meshlet/token",
                                                                       "/etc/meshlet/trust/ca.pem")
 
@@ -313,6 +320,7 @@ def test_the_done_when_pipeline():
     ("agent.cgroup=/sys/fs/cgroup", "/agent/cgroup"),
     ("agent.cgroupfs=sys/fs/cgroup", "/agent/cgroupfs"),
     ("agent.sidecarPorts={0}", "/agent/sidecarPorts/0"),
+    ("proxy.metricsCompat=prom", "/proxy/metricsCompat"),
 ])
 def test_values_schema_refuses_bad_values_with_their_path(value, error):
     result = subprocess.run([HELM, "template", "mesh", str(CHART), "--set", value], capture_output=True, text=True,

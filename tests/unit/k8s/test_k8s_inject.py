@@ -256,7 +256,7 @@ def test_cli_flags_stdin_and_summary():
     assert proxy["image"] == "reg.example/m:2"
     assert proxy["resources"] == {"requests": {"cpu": "200m", "memory": "64Mi"}, "limits": {"cpu": "1"}}
     expected = InjectConfig(image="reg.example/m:2", resources=Resources("200m", "64Mi", "1", None))
-    assert proxy == sidecar.proxy_container(expected, None)
+    assert proxy == sidecar.proxy_container(expected, None, "migrate")
 
 
 def test_cli_output_file_and_in_place(tmp_path):
