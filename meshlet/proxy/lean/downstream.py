@@ -17,16 +17,10 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from meshlet.proxy.h2c import PREFACE
+from meshlet.proxy.http1rules import MAX_HEAD_BYTES, MAX_HEADERS, MAX_TARGET_BYTES
 from meshlet.proxy.inbound import Refused, inbound_target
 from meshlet.proxy.lean.exchange import Exchange
-from meshlet.proxy.lean.http1 import (
-    MAX_HEAD_BYTES,
-    MAX_HEADERS,
-    MAX_TARGET_BYTES,
-    Header,
-    Refusal,
-    local_response,
-)
+from meshlet.proxy.lean.http1 import Header, Refusal, local_response
 from meshlet.proxy.lean.relay import relay_to
 from meshlet.proxy.origdst import original_destination_of
 from meshlet.telemetry.outcome import UPSTREAM_CONNECT_FAILURE

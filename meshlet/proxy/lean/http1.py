@@ -1,4 +1,5 @@
-"""HTTP/1.1 on the wire for the lean engine: limits, hop-by-hop rules, heads and local answers.
+"""HTTP/1.1 on the wire for the lean engine: hop-by-hop rules, heads and local answers (the limits
+both engines share are meshlet.proxy.http1rules).
 
 Parsing is llhttp's (httptools), which already refuses what RFC 9112 says a proxy must not pass:
 Content-Length with Transfer-Encoding, duplicate or malformed Content-Length, bad chunk sizes,
@@ -11,17 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-MAX_HEAD_BYTES = 64 * 1024  # the whole header section (431 beyond; Envoy's default is 60 KiB)
-MAX_HEADERS = 100  # header fields per message (431 beyond; Envoy's default)
-MAX_TARGET_BYTES = 16 * 1024  # the request target (414 beyond)
+from meshlet.proxy.http1rules import FRAMING
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
     b"te", b"trailer", b"transfer-encoding", b"upgrade",
 ))
-# Fields a message is framed and routed by: never dropped for being listed in Connection.
-FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
 Header = tuple[bytes, bytes]
 
 REASONS = {

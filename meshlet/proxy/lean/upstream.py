@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from meshlet.proxy.lean.http1 import MAX_HEAD_BYTES, MAX_HEADERS, Header
+from meshlet.proxy.http1rules import MAX_HEAD_BYTES, MAX_HEADERS
+from meshlet.proxy.lean.http1 import Header
 
 if TYPE_CHECKING:
     from meshlet.mtls.upstream import UpstreamTls
