@@ -1,7 +1,8 @@
-"""`meshlet demo` (what `make run` runs): backends, sidecar, instructions, clean Ctrl-C."""
+"""`meshlet demo` (what `make run` runs): backends, sidecar, instructions, access log, clean Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -11,6 +12,19 @@ import pytest
 from sidecar_support import MESHLET, get
 
 DEMO_PORTS = (9081, 9082, 15000, 15001, 15006)
+
+
+def access_lines(stdout, count: int) -> list[dict]:
+    """The next `count` JSON access-log lines the demo prints (other lines skipped). Each was written
+    before its response was sent, so they are there to read; the test's timeout bounds a demo that
+    never logs."""
+    found: list[dict] = []
+    while len(found) < count:
+        line = stdout.readline()
+        assert line, f"the demo's stdout ended after {len(found)} access log lines"
+        if line.startswith("{"):
+            found.append(json.loads(line))
+    return found
 
 
 def _busy(port: int) -> bool:
@@ -35,6 +49,9 @@ def test_demo_serves_the_canary_and_stops_on_ctrl_c():
         assert "meshlet apply policies/ab-test.yaml" in out and "/metrics" in out
         answers = [get(("127.0.0.1", 15001), host="reviews") for _ in range(30)]
         assert {a.status for a in answers} == {200} and {a.backend for a in answers} <= {"v1", "v2"}
+        logged = access_lines(process.stdout, 30)  # `make run` shows the access log
+        assert {(e["authority"], e["route_name"], e["response_code"]) for e in logged} == {("reviews", "canary", 200)}
+        assert {e["upstream_cluster"] for e in logged} <= {"v1", "v2"}
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
         assert "Traceback" not in process.stderr.read()
