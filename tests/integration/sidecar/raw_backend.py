@@ -124,7 +124,11 @@ class RawBackend:
             seen.body = await reader.readexactly(int(seen.field("content-length") or 0))
         self.requests.append(seen)
         number = len(self.requests)
-        keep = (seen.field("connection") or "").lower() != "close" and version == "HTTP/1.1"
+        tokens = {t.strip() for t in (seen.field("connection") or "").lower().split(",")}
+        # HTTP/1.1 persists unless closed; HTTP/1.0 only when asked (RFC 9112 §9.3), as servers do.
+        # Closing an HTTP/1.0 keep-alive connection right after answering would race a proxy that
+        # forwards HTTP/1.0 as it came (mitmproxy) into reusing it.
+        keep = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
         return await self._answer(seen, number, writer) and keep
 
     async def _answer(self, seen: Seen, number: int, writer: asyncio.StreamWriter) -> bool:
@@ -132,6 +136,8 @@ class RawBackend:
         kind, arg = parts[1], (parts[2] if len(parts) > 2 else "")
         size = int(arg) if arg.isdigit() else 0
         fields = [("x-path", seen.target), ("x-seen", str(number))]
+        if seen.version != "HTTP/1.1" and kind != "close" and "keep-alive" in (seen.field("connection") or "").lower():
+            fields.append(("Connection", "keep-alive"))  # how an HTTP/1.0 server says it keeps the connection
         send_body = seen.method != "HEAD"
         if self.fail_with:
             return await _reply(writer, self.fail_with, fields, b"%d\n" % self.fail_with, send_body)
