@@ -12,6 +12,7 @@ namespace must agree with the SPIFFE ID's, else only the certificate's facts are
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from meshlet.policy.model import Backend
 from meshlet.telemetry.outcome import UNKNOWN, Workload
@@ -72,6 +73,14 @@ def trusted(decoded: tuple[Workload, str] | None, principal: str | None) -> tupl
         return Workload(namespace=namespace or UNKNOWN, principal=principal), UNKNOWN
     said, service = decoded
     return Workload(said.workload, namespace or said.namespace, principal, said.app, said.version), service
+
+
+@lru_cache(maxsize=1024)
+def believed(metadata: bytes, principal: str) -> tuple[Workload, str]:
+    """`trusted(decode(metadata))`, both engines' one way to read a verified peer's header: decoded
+    once per value and principal, since a peer sends the same on every request (~7 µs each time
+    otherwise). The Workload is shared: read it, never change it."""
+    return trusted(decode(metadata) if metadata else None, principal)
 
 
 def declared(backend: Backend) -> Workload:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from functools import lru_cache
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from meshlet.proxy.inbound import APP_BACKEND, INBOUND_ROUTE, REFUSED_BACKEND
 from meshlet.proxy.lean.http1 import Header
 from meshlet.proxy.lean.upstream import ConnectFailed, PoolKey
 from meshlet.proxy.lean.views import CookieView, HeaderView
-from meshlet.proxy.peermeta import decode, trusted
+from meshlet.proxy.peermeta import believed
 from meshlet.proxy.tap import TapRecord
 from meshlet.routing import Decision, RequestView, Unmatched, decide
 from meshlet.routing.attempts import attempts_for, candidates
@@ -57,14 +56,6 @@ def new_request_id() -> bytes:
     return b"%08x-%04x-4%03x-%04x-%012x" % (
         b >> 96, (b >> 80) & 0xFFFF, (b >> 64) & 0xFFF, ((b >> 48) & 0x3FFF) | 0x8000, b & 0xFFFFFFFFFFFF,
     )
-
-
-@lru_cache(maxsize=1024)
-def believed(metadata: bytes, principal: str) -> tuple[Workload, str]:
-    """(peer, service) as a verified peer's x-meshlet-peer-metadata says (peermeta.trusted): decoded
-    once per value and principal, since a peer sends the same on every request (~7 µs each time
-    otherwise). The Workload is shared: read it, never change it."""
-    return trusted(decode(metadata) if metadata else None, principal)
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:

@@ -150,7 +150,7 @@ class Routing:
         identity = self.peer_identity(flow.client_conn)
         if identity:
             exchange.mtls = True
-            exchange.peer, exchange.service = peermeta.trusted(peermeta.decode(said) if said else None, identity)
+            exchange.peer, exchange.service = peermeta.believed(said or b"", identity)
         if flow.response is not None:
             exchange.backend = REFUSED_BACKEND
             exchange.flags = UNAUTHORIZED if flow.metadata.get(REFUSED) else NO_FLAGS
